@@ -1,0 +1,237 @@
+"""The BIDS-App command line: ``bids_llm_encode bids_dir output_dir {participant,group}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import __version__
+from ..errors import EXIT_USAGE
+
+LEVELS = ("participant", "group")
+EPILOG = """\
+exit codes: 0 ok; 1 failure (the failing step is named); 16 BIDS validation failed;
+17 unknown analysis level; 18 --participant-label/--task-label matched nothing;
+64 bad usage; 66 missing input file.
+
+example:
+  bids_llm_encode /data/narratives /data/derivatives/llm participant \\
+      --participant-label 001 002 --task-label pieman --model smollm2
+  bids_llm_encode /data/narratives /data/derivatives/llm group
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad usage; BIDS-Apps (BEP027) say 64."""
+
+    def error(self, message):  # noqa: D102
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _int_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _float_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="bids_llm_encode",
+        description=(
+            "Do sub-groups of a large language model's artificial neurons behave like the "
+            "brain's functional networks? Records every neuron of an LLM reading each story, "
+            "learns a sparse dictionary of their time courses (atoms), fits cross-validated "
+            "voxel-wise encoding models of each participant's fMRI on the atoms, labels each "
+            "atom with the brain networks its maps overlap (Dice, null p, FDR q) and "
+            "summarises across participants and models. Writes a BIDS derivatives dataset."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="root of the BIDS dataset (e.g. Narratives)")
+    p.add_argument(
+        "output_dir", type=Path,
+        help="the derivatives dataset to write (must not be inside bids_dir)",
+    )
+    p.add_argument(
+        "analysis_level", nargs="+", metavar="{participant,group}",
+        help="'participant' fits each participant; 'group' summarises participant outputs "
+        "already in output_dir; 'participant group' runs both",
+    )
+    p.add_argument("--version", action="version", version=f"bids_llm_encode {__version__}")
+
+    g = p.add_argument_group("selecting data")
+    g.add_argument(
+        "--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+        help="participants to analyse, with or without 'sub-' (default: all)",
+    )
+    g.add_argument(
+        "--task-label", "--task_label", nargs="+", metavar="TASK",
+        help="tasks (stories) to analyse, e.g. pieman (default: all with word alignments)",
+    )
+    g.add_argument(
+        "--derivatives", default="afni-nosmooth", metavar="NAME_OR_PATH",
+        help="preprocessed BOLD to use: afni-nosmooth, afni-smooth or fmriprep under "
+        "bids_dir/derivatives, or a path (default: %(default)s)",
+    )
+    g.add_argument(
+        "--space", default="MNI152NLin2009cAsym",
+        choices=["MNI152NLin2009cAsym", "fsaverage6"],
+        help="volume (res-native NIfTI) or surface (fsaverage6 GIFTI) data "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-exclude", dest="exclude", action="store_false",
+        help="keep scans listed in code/scan_exclude.json (default: they are excluded)",
+    )
+    g.add_argument(
+        "--skip-bids-validation", "--skip_bids_validation", action="store_true",
+        help="do not check that bids_dir is a BIDS dataset before indexing it",
+    )
+
+    g = p.add_argument_group("language model (artificial neurons)")
+    g.add_argument(
+        "--model", nargs="+", default=["smollm2"], metavar="MODEL",
+        help="one or more models run side by side: 'smollm2' (SmolLM2-135M, Llama "
+        "architecture, bundled), 'minilm' (all-MiniLM-L6-v2, BERT, bundled), a local "
+        "Hugging Face folder or GGUF file, or a hub id (needs network) (default: smollm2)",
+    )
+    g.add_argument(
+        "--units", default="mlp-out", choices=["mlp-out", "mlp-neurons"],
+        help="mlp-out: output of every block's feed-forward sub-layer (the paper's unit); "
+        "mlp-neurons: intermediate neurons after the activation (default: %(default)s)",
+    )
+    g.add_argument(
+        "--context-tokens", type=_positive_int, default=512, metavar="N",
+        help="tokens of context each word is read with; causal models see only the past "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--hrf", default="glover", choices=["glover", "spm"],
+        help="canonical HRF convolved with the per-TR responses (default: %(default)s)",
+    )
+    g.add_argument(
+        "--delays", nargs="+", type=int, metavar="TRS",
+        help="use FIR delays (in TRs, e.g. 1 2 3 4) instead of the canonical HRF",
+    )
+    g.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="where to run the model and the dictionary solver (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="model precision; half precision only on CUDA (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("dictionary of atoms")
+    g.add_argument(
+        "--n-atoms", type=_int_or_auto, default=64, metavar="K|auto",
+        help="number of atoms k, or 'auto' to choose from held-out reconstruction and "
+        "stability across seeds (default: %(default)s, as in Sun et al. 2024)",
+    )
+    g.add_argument(
+        "--alpha-an", type=_float_or_auto, default=None, metavar="LAMBDA|auto",
+        help="L1 penalty on the loadings, or 'auto' (default: a data-scaled value, "
+        "recorded in the sidecar)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+    g = p.add_argument_group("encoding models")
+    g.add_argument(
+        "--folds", type=_positive_int, default=5,
+        help="outer cross-validation folds, contiguous in time (default: %(default)s)",
+    )
+    g.add_argument(
+        "--gap-s", type=float, default=10.0, metavar="SECONDS",
+        help="training TRs within this many seconds of a test block are dropped "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-nuisance", dest="nuisance", action="store_false",
+        help="do not fit word rate, silence and atom energy as a separate nuisance band",
+    )
+    g.add_argument(
+        "--baseline", default="none", choices=["none", "layers"],
+        help="also fit the layer-wise embedding model on the same folds (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("network labels")
+    g.add_argument(
+        "--fbn-atlas", nargs="+", default=["seitzman2018"], metavar="ATLAS",
+        help="functional network atlases: seitzman2018 (bundled), schaefer2018-7, "
+        "schaefer2018-17 (TemplateFlow), or a dseg path (default: seitzman2018)",
+    )
+    g.add_argument(
+        "--fbn-labels", nargs="+", metavar="FILE",
+        help="network names for each dseg path in --fbn-atlas (TSV 'index name' or one "
+        "name per line in index order)",
+    )
+    g.add_argument(
+        "--map-threshold", type=float, default=1.96, metavar="Z",
+        help="|z| of an atom's coefficient map (across voxels with held-out R2 > 0) that "
+        "makes a voxel activated/deactivated (default: %(default)s)",
+    )
+    g.add_argument(
+        "--null", default="shift", choices=["shift", "spin"],
+        help="null for the Dice p: circular time shifts refitted (volumes) or spins "
+        "(fsaverage6) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--n-null", type=_positive_int, default=1000, metavar="N",
+        help="null samples per participant (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("execution")
+    g.add_argument(
+        "-w", "--work-dir", type=Path, metavar="DIR",
+        help="nipype working directory; reuse it to resume a killed run "
+        "(default: ./work; never inside bids_dir)",
+    )
+    g.add_argument(
+        "--nprocs", "--n_cpus", "--n-cpus", type=_positive_int, metavar="N",
+        help="processes for nipype's MultiProc (default: all cores)",
+    )
+    g.add_argument(
+        "--mem-mb", "--mem_mb", type=_positive_int, metavar="MB",
+        help="memory nipype may schedule at once (default: 90%% of the machine)",
+    )
+    g.add_argument(
+        "--use-plugin", type=Path, metavar="PLUGIN.yml",
+        help="nipype plugin settings (YAML with 'plugin:' and 'plugin_args:'), e.g. SLURMGraph",
+    )
+    g.add_argument(
+        "--no-reports", dest="reports", action="store_false",
+        help="do not write the HTML reports",
+    )
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    return p

@@ -1,0 +1,137 @@
+"""main(): parse -> settings -> nipype workflow -> run -> exit code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..config import Settings
+from ..errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNKNOWN_LEVEL,
+    EXIT_USAGE,
+    AppError,
+    MissingInputError,
+    UsageError,
+)
+from .parser import LEVELS, build_parser
+
+LOGGER = logging.getLogger("bids_llm_encode")
+
+
+def settings_from_args(args) -> Settings:
+    bids_dir = args.bids_dir.expanduser().resolve()
+    output_dir = args.output_dir.expanduser().resolve()
+    if not bids_dir.exists():
+        raise MissingInputError(f"bids_dir {args.bids_dir} does not exist")
+    if output_dir == bids_dir or bids_dir in output_dir.parents:
+        raise UsageError(
+            f"output_dir {args.output_dir} is inside bids_dir {args.bids_dir}; the input "
+            "dataset is never written to: choose a folder outside it"
+        )
+    work_dir = (args.work_dir or Path("work")).expanduser().resolve()
+    if work_dir == bids_dir or bids_dir in work_dir.parents:
+        raise UsageError(f"--work-dir {work_dir} is inside bids_dir; choose a folder outside it")
+    if args.fbn_labels and len(args.fbn_labels) != sum(
+        1 for a in args.fbn_atlas if a not in ("seitzman2018", "schaefer2018-7", "schaefer2018-17")
+    ):
+        raise UsageError("--fbn-labels needs one labels file per dseg path given to --fbn-atlas")
+    if args.use_plugin is not None and not args.use_plugin.exists():
+        raise MissingInputError(f"--use-plugin file {args.use_plugin} does not exist")
+    return Settings(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=list(args.analysis_level),
+        participant_label=args.participant_label,
+        task_label=args.task_label,
+        derivatives=args.derivatives,
+        space=args.space,
+        exclude=args.exclude,
+        skip_bids_validation=args.skip_bids_validation,
+        model=list(dict.fromkeys(args.model)),
+        units=args.units,
+        context_tokens=args.context_tokens,
+        hrf=args.hrf,
+        delays=args.delays,
+        device=args.device,
+        dtype=args.dtype,
+        n_atoms=args.n_atoms,
+        alpha_an=args.alpha_an,
+        seed=args.seed,
+        folds=args.folds,
+        gap_s=args.gap_s,
+        nuisance=args.nuisance,
+        baseline=args.baseline,
+        fbn_atlas=args.fbn_atlas,
+        fbn_labels=args.fbn_labels,
+        map_threshold=args.map_threshold,
+        null=args.null,
+        n_null=args.n_null,
+        work_dir=work_dir,
+        nprocs=args.nprocs,
+        mem_mb=args.mem_mb,
+        use_plugin=args.use_plugin,
+        reports=args.reports,
+        verbose=args.verbose,
+    )
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("nipype.workflow").setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    logging.getLogger("nipype.interface").setLevel(logging.WARNING)
+
+
+def run(settings: Settings) -> int:
+    from ..workflows.base import run_group, run_participant
+
+    for level in settings.analysis_level:
+        if level == "participant":
+            run_participant(settings)
+        elif level == "group":
+            run_group(settings)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unknown = [lvl for lvl in args.analysis_level if lvl not in LEVELS]
+    if unknown:
+        print(
+            f"bids_llm_encode: error: unknown analysis level {' '.join(unknown)!r}; "
+            f"choose from {', '.join(LEVELS)}",
+            file=sys.stderr,
+        )
+        return _exit(EXIT_UNKNOWN_LEVEL, argv)
+    _setup_logging(args.verbose)
+    try:
+        settings = settings_from_args(args)
+        code = run(settings)
+    except AppError as err:
+        print(f"bids_llm_encode: error: {err}", file=sys.stderr)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        print("bids_llm_encode: interrupted; rerun with the same --work-dir to resume",
+              file=sys.stderr)
+        code = EXIT_FAILURE
+    return _exit(code, argv)
+
+
+def _exit(code: int, argv) -> int:
+    # Called as a console script: exit with the code; called from Python (tests): return it.
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
+
+__all__ = ["main", "EXIT_USAGE"]

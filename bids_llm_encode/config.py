@@ -1,0 +1,72 @@
+"""One settings object for a run; saved with the outputs (``config-<level>.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Settings:
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: list[str]
+    participant_label: list[str] | None = None
+    task_label: list[str] | None = None
+    # input
+    derivatives: str = "afni-nosmooth"
+    space: str = "MNI152NLin2009cAsym"
+    exclude: bool = True
+    skip_bids_validation: bool = False
+    # extraction
+    model: list[str] = field(default_factory=lambda: ["smollm2"])
+    units: str = "mlp-out"
+    context_tokens: int = 512
+    hrf: str = "glover"
+    delays: list[int] | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    # dictionary
+    n_atoms: int | str = 64
+    alpha_an: float | str | None = None
+    seed: int = 0
+    # encoding
+    folds: int = 5
+    gap_s: float = 10.0
+    nuisance: bool = True
+    baseline: str = "none"
+    # networks
+    fbn_atlas: list[str] = field(default_factory=lambda: ["seitzman2018"])
+    fbn_labels: list[str] | None = None
+    map_threshold: float = 1.96
+    null: str = "shift"
+    n_null: int = 1000
+    # execution
+    work_dir: Path | None = None
+    nprocs: int | None = None
+    mem_mb: int | None = None
+    use_plugin: Path | None = None
+    reports: bool = True
+    verbose: int = 0
+
+    def to_json(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            val = getattr(self, f.name)
+            out[f.name] = str(val) if isinstance(val, Path) else val
+        return out
+
+    def save(self, path: Path) -> None:
+        from .derivatives import write_json
+
+        write_json(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, path: Path) -> "Settings":
+        data = json.loads(Path(path).read_text())
+        for key in ("bids_dir", "output_dir", "work_dir", "use_plugin"):
+            if data.get(key) is not None:
+                data[key] = Path(data[key])
+        return cls(**data)

@@ -1,0 +1,451 @@
+"""The Narratives query layer: one place that turns a BIDS tree into what the stages need.
+
+``find_scans(...)`` returns one :class:`ScanSpec` per participant x scan, with the BOLD
+file(s), brain mask, TR (always read from the sidecar: 1.52 s milkyway-synonyms scans
+exist), number of TRs, events, the stimulus (audio) name and the word table in scan time.
+
+Timing rule (NARRATIVES.md): Gentle times are seconds from the start of the audio file and
+the audio starts at the onset of the FIRST events.tsv row, so
+``scan_time = events.onset[0] + gentle_time``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import (
+    AppError,
+    BidsValidationError,
+    InputDataError,
+    MissingInputError,
+    NoMatchError,
+    UsageError,
+)
+
+LOGGER = logging.getLogger("bids_llm_encode.narratives")
+
+DERIVATIVES = ("afni-nosmooth", "afni-smooth", "fmriprep")
+VOLUME_SPACE = "MNI152NLin2009cAsym"
+SURFACE_SPACE = "fsaverage6"
+SPACES = (VOLUME_SPACE, SURFACE_SPACE)
+
+
+@dataclass
+class ScanSpec:
+    """Everything downstream needs about one participant's scan of one story."""
+
+    subject: str
+    task: str
+    run: int | None
+    stimulus: str  # audio name, e.g. "pieman", "milkywayvodka"
+    condition: str | None
+    space: str
+    bold: list[str]  # one NIfTI, or [L, R] GIFTI for fsaverage6
+    mask: str | None
+    tr: float
+    n_trs: int
+    events: pd.DataFrame
+    alignment: str
+    words: pd.DataFrame = field(repr=False)
+    raw_bold: str | None = None
+
+    @property
+    def story_window(self) -> tuple[float, float]:
+        """(start, end) in scan seconds of the ``story`` event (or of all events)."""
+        ev = self.events
+        story = ev[ev["trial_type"].astype(str) == "story"] if "trial_type" in ev else ev
+        story = story if len(story) else ev
+        start = float(story["onset"].min())
+        end = float((story["onset"] + story["duration"]).max())
+        return start, end
+
+    @property
+    def scan_id(self) -> str:
+        run = f"_run-{self.run}" if self.run is not None else ""
+        return f"sub-{self.subject}_task-{self.task}{run}"
+
+    @property
+    def entities(self) -> dict:
+        ent = {"subject": self.subject, "task": self.task, "space": self.space}
+        if self.run is not None:
+            ent["run"] = self.run
+        return ent
+
+
+# --------------------------------------------------------------------------- alignments
+def read_gentle(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a Gentle ``align.json`` or ``align.csv``: columns word, start, end, aligned.
+
+    Times are seconds from the start of the audio; words Gentle could not place get
+    times interpolated from their neighbours (never dropped: the LLM still reads them).
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        with open(path) as f:
+            data = json.load(f)
+        rows = []
+        for w in data.get("words", []):
+            ok = w.get("case") == "success" and "start" in w
+            rows.append(
+                (w["word"], float(w["start"]) if ok else np.nan, float(w["end"]) if ok else np.nan)
+            )
+    else:
+        rows = []
+        with open(path, newline="") as f:
+            for rec in csv.reader(f):
+                if not rec:
+                    continue
+                word = rec[0]
+                start = rec[2].strip() if len(rec) > 2 else ""
+                end = rec[3].strip() if len(rec) > 3 else ""
+                rows.append(
+                    (word, float(start) if start else np.nan, float(end) if end else np.nan)
+                )
+    table = pd.DataFrame(rows, columns=["word", "start", "end"])
+    if table.empty:
+        raise InputDataError(f"{path}: the alignment holds no words")
+    table["aligned"] = table["start"].notna()
+    if not table["aligned"].any():
+        raise InputDataError(
+            f"{path}: Gentle placed none of the {len(table)} words; cannot time the story"
+        )
+    idx = np.arange(len(table))
+    ok = table["aligned"].to_numpy()
+    # Unplaced words: interpolate by word position between placed neighbours.
+    table["start"] = np.interp(idx, idx[ok], table["start"].to_numpy()[ok])
+    end = table["end"].to_numpy(copy=True)
+    end[~ok] = np.interp(idx[~ok], idx[ok], table["end"].to_numpy()[ok])
+    table["end"] = np.maximum(end, table["start"].to_numpy())
+    return table
+
+
+def words_in_scan_time(gentle: pd.DataFrame, audio_onset: float) -> pd.DataFrame:
+    """Gentle table -> the shared word table (timing.py): onset/offset in scan seconds."""
+    return pd.DataFrame(
+        {
+            "word": gentle["word"].astype(str).to_numpy(),
+            "onset": gentle["start"].to_numpy(dtype=float) + audio_onset,
+            "offset": gentle["end"].to_numpy(dtype=float) + audio_onset,
+            "aligned": gentle["aligned"].to_numpy(dtype=bool),
+        }
+    )
+
+
+def find_alignment(bids_dir: str | os.PathLike, stimulus: str) -> Path:
+    base = Path(bids_dir) / "stimuli" / "gentle" / stimulus
+    for name in ("align.json", "align.csv"):
+        if (base / name).exists():
+            return base / name
+    raise MissingInputError(
+        f"no word alignment for stimulus '{stimulus}': expected {base / 'align.json'} "
+        f"or {base / 'align.csv'} (Narratives ships them under stimuli/gentle/ in the "
+        "DataLad distribution)"
+    )
+
+
+# --------------------------------------------------------------------------- images
+def check_readable(path: str | os.PathLike) -> str:
+    """Fail clearly on missing files and on DataLad/git-annex symlinks not yet fetched."""
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise MissingInputError(
+            f"{p} is a broken symlink (DataLad content not fetched): run "
+            f"`datalad get {p}` in the dataset, then rerun"
+        )
+    if not p.exists():
+        raise MissingInputError(f"{p} does not exist")
+    return str(p)
+
+
+def count_trs(bold: list[str]) -> int:
+    import nibabel as nib
+
+    first = check_readable(bold[0])
+    if first.endswith(".gii"):
+        return len(nib.load(first).darrays)
+    img = nib.load(first)
+    return int(img.shape[3]) if len(img.shape) == 4 else 1
+
+
+# --------------------------------------------------------------------------- layout
+def normalise_labels(labels: list[str] | None, prefix: str) -> list[str] | None:
+    if not labels:
+        return None
+    return [lab[len(prefix) :] if lab.startswith(prefix) else lab for lab in labels]
+
+
+def validate_bids_root(bids_dir: Path) -> None:
+    if not bids_dir.exists():
+        raise MissingInputError(f"bids_dir {bids_dir} does not exist")
+    if not bids_dir.is_dir():
+        raise UsageError(f"bids_dir {bids_dir} is not a folder")
+    desc = bids_dir / "dataset_description.json"
+    if not desc.exists():
+        raise BidsValidationError(
+            f"{bids_dir} is not a BIDS dataset (no dataset_description.json); point "
+            "bids_dir at the dataset root, or pass --skip-bids-validation"
+        )
+    try:
+        meta = json.loads(desc.read_text())
+    except json.JSONDecodeError as err:
+        raise BidsValidationError(f"{desc} is not valid JSON ({err})") from None
+    for key in ("Name", "BIDSVersion"):
+        if key not in meta:
+            raise BidsValidationError(f"{desc} lacks the required field '{key}'")
+    if not any(bids_dir.glob("sub-*")):
+        raise BidsValidationError(f"{bids_dir} holds no sub-* folders")
+
+
+def load_exclusions(bids_dir: Path) -> dict:
+    path = bids_dir / "code" / "scan_exclude.json"
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _is_excluded(exclusions: dict, task: str, subject: str, filename: str) -> bool:
+    prefixes = exclusions.get(task, {}).get(f"sub-{subject}", [])
+    return any(os.path.basename(filename).startswith(p) for p in prefixes)
+
+
+def _read_scans_conditions(bids_dir: Path, subject: str) -> dict[str, str]:
+    path = bids_dir / f"sub-{subject}" / f"sub-{subject}_scans.tsv"
+    if not path.exists():
+        return {}
+    scans = pd.read_csv(path, sep="\t", dtype=str)
+    if "condition" not in scans:
+        return {}
+    return {os.path.basename(f): c for f, c in zip(scans["filename"], scans["condition"])}
+
+
+def stimulus_name(events: pd.DataFrame, task: str, condition: str | None) -> str:
+    """Audio name: events' stim_file stem without ``_audio``; milkyway condition as check."""
+    if "stim_file" in events and events["stim_file"].notna().any():
+        stem = Path(str(events["stim_file"].dropna().iloc[0])).stem
+        return stem[: -len("_audio")] if stem.endswith("_audio") else stem
+    if condition and condition not in ("n/a", ""):
+        return f"{task}{condition}"
+    return task
+
+
+def _derivative_bold(deriv_layout, deriv: str, space: str, subject: str, task: str, run):
+    query = dict(subject=subject, task=task, space=space, return_type="file")
+    if run is not None:
+        query["run"] = run
+    else:
+        query["run"] = None
+    if space == SURFACE_SPACE:
+        files = deriv_layout.get(extension=".func.gii", **query)
+        hemis = {h: [f for f in files if f"_hemi-{h}_" in os.path.basename(f)] for h in "LR"}
+        if not hemis["L"] or not hemis["R"]:
+            return None
+        return [sorted(hemis["L"])[0], sorted(hemis["R"])[0]]
+    desc = "preproc" if deriv == "fmriprep" else "clean"
+    files = deriv_layout.get(suffix="bold", desc=desc, extension=".nii.gz", **query)
+    files = [f for f in files if "_res-native_" in f or "_res-" not in f]
+    return [sorted(files)[0]] if files else None
+
+
+def _derivative_mask(deriv_root: Path, deriv: str, space: str, bold: str, task: str):
+    if space == SURFACE_SPACE:
+        return None
+    if deriv == "fmriprep":
+        cand = Path(bold.replace("_desc-preproc_bold.nii.gz", "_desc-brain_mask.nii.gz"))
+    else:
+        cand = (
+            deriv_root
+            / f"tpl-{VOLUME_SPACE}"
+            / f"tpl-{VOLUME_SPACE}_res-{task}_desc-brain_mask.nii.gz"
+        )
+    return str(cand) if cand.exists() or cand.is_symlink() else None
+
+
+def find_scans(
+    bids_dir: str | os.PathLike,
+    participant_labels: list[str] | None = None,
+    task_labels: list[str] | None = None,
+    derivatives: str | os.PathLike = "afni-nosmooth",
+    space: str = VOLUME_SPACE,
+    exclude: bool = True,
+    validate: bool = True,
+    require_images: bool = True,
+) -> list[ScanSpec]:
+    """Query the dataset; one ScanSpec per participant x scan (runs kept apart)."""
+    import bids
+
+    bids_dir = Path(bids_dir).resolve()
+    if validate:
+        validate_bids_root(bids_dir)
+    elif not bids_dir.is_dir():
+        raise MissingInputError(f"bids_dir {bids_dir} does not exist")
+    if space not in SPACES:
+        raise UsageError(f"--space {space!r} is not supported; choose one of {list(SPACES)}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            layout = bids.BIDSLayout(str(bids_dir), validate=validate)
+        except Exception as err:  # pybids raises its own BIDSValidationError
+            raise BidsValidationError(f"{bids_dir}: pybids cannot index it ({err})") from None
+
+    subjects = layout.get_subjects()
+    wanted = normalise_labels(participant_labels, "sub-")
+    if wanted:
+        unknown = sorted(set(wanted) - set(subjects))
+        if unknown:
+            raise NoMatchError(
+                f"--participant-label {' '.join(unknown)} not found in {bids_dir} "
+                f"({len(subjects)} participants there, e.g. {', '.join(subjects[:3])})"
+            )
+        subjects = [s for s in subjects if s in wanted]
+    tasks = layout.get_tasks()
+    wanted_tasks = normalise_labels(task_labels, "task-")
+    if wanted_tasks:
+        unknown = sorted(set(wanted_tasks) - set(tasks))
+        if unknown:
+            raise NoMatchError(
+                f"--task-label {' '.join(unknown)} not found in {bids_dir} "
+                f"(tasks there: {', '.join(tasks)})"
+            )
+        tasks = [t for t in tasks if t in wanted_tasks]
+
+    deriv_root = None
+    deriv_layout = None
+    if require_images:
+        deriv_root = _derivatives_root(bids_dir, derivatives)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            deriv_layout = bids.BIDSLayout(str(deriv_root), validate=False, is_derivative=True)
+
+    exclusions = load_exclusions(bids_dir) if exclude else {}
+    specs: list[ScanSpec] = []
+    n_excluded = 0
+    for events_file in layout.get(
+        subject=subjects, task=tasks, suffix="events", extension=".tsv", datatype="func"
+    ):
+        ent = events_file.get_entities()
+        subject, task, run = ent["subject"], ent["task"], ent.get("run")
+        run = int(run) if run is not None else None
+        raw_name = events_file.path.replace("_events.tsv", "_bold.nii.gz")
+        if exclude and _is_excluded(exclusions, task, subject, raw_name):
+            n_excluded += 1
+            LOGGER.info("excluded by code/scan_exclude.json: %s", os.path.basename(raw_name))
+            continue
+        events = pd.read_csv(events_file.path, sep="\t")
+        meta = layout.get_metadata(raw_name) if os.path.exists(raw_name) else {}
+        if not meta:
+            sidecar = events_file.path.replace("_events.tsv", "_bold.json")
+            meta = json.loads(Path(sidecar).read_text()) if os.path.exists(sidecar) else {}
+            if not meta:
+                meta = layout.get_metadata(events_file.path.replace("_events.tsv", "_bold.json"))
+        if "RepetitionTime" not in meta:
+            raise MissingInputError(
+                f"no RepetitionTime for {os.path.basename(raw_name)}: expected it in "
+                f"{os.path.basename(raw_name).replace('.nii.gz', '.json')}"
+            )
+        tr = float(meta["RepetitionTime"])
+        condition = _read_scans_conditions(bids_dir, subject).get(os.path.basename(raw_name))
+        stimulus = stimulus_name(events, task, condition)
+        alignment = find_alignment(bids_dir, stimulus)
+        words = words_in_scan_time(read_gentle(alignment), float(events["onset"].iloc[0]))
+
+        bold, mask, n_trs = [], None, 0
+        if require_images:
+            bold = _derivative_bold(deriv_layout, derivatives, space, subject, task, run)
+            if bold is None:
+                continue
+            mask = _derivative_mask(deriv_root, derivatives, space, bold[0], task)
+            n_trs = count_trs(bold)
+        spec = ScanSpec(
+            subject=subject,
+            task=task,
+            run=run,
+            stimulus=stimulus,
+            condition=condition if condition not in (None, "n/a") else None,
+            space=space,
+            bold=bold,
+            mask=mask,
+            tr=tr,
+            n_trs=n_trs,
+            events=events,
+            alignment=str(alignment),
+            words=words,
+            raw_bold=raw_name,
+        )
+        if require_images:
+            check_story_fits(spec)
+        first = spec.words["onset"].iloc[0]
+        if first < spec.story_window[0]:
+            LOGGER.warning(
+                "%s: first word '%s' at %.2f s lies before the story event (%.2f s); "
+                "Gentle may have placed it in the intro music",
+                spec.scan_id,
+                spec.words["word"].iloc[0],
+                first,
+                spec.story_window[0],
+            )
+        specs.append(spec)
+    if not specs:
+        where = f"{derivatives} ({space})" if require_images else "raw"
+        raise NoMatchError(
+            f"no scans matched in {bids_dir} for participants "
+            f"{' '.join(subjects) or '(none)'} and tasks {' '.join(tasks) or '(none)'} "
+            f"with {where} images" + (f"; {n_excluded} excluded (--no-exclude keeps them)"
+                                      if n_excluded else "")
+        )
+    return specs
+
+
+def _derivatives_root(bids_dir: Path, derivatives: str | os.PathLike) -> Path:
+    cand = Path(derivatives)
+    if not cand.is_absolute():
+        cand = bids_dir / "derivatives" / str(derivatives)
+    if not cand.is_dir():
+        raise MissingInputError(
+            f"derivatives folder {cand} not found: --derivatives takes one of "
+            f"{', '.join(DERIVATIVES)} (under bids_dir/derivatives) or a path"
+        )
+    return cand
+
+
+def check_story_fits(spec: ScanSpec) -> None:
+    """The BOLD must cover the story (events), else say by how many TRs it falls short."""
+    _, end = spec.story_window
+    needed = int(math.ceil(end / spec.tr - 1e-6))
+    if spec.n_trs < needed:
+        raise InputDataError(
+            f"{spec.bold[0]} has {spec.n_trs} TRs but the story in "
+            f"{os.path.basename(spec.raw_bold or '')} events needs {needed} "
+            f"(TR {spec.tr} s): {needed - spec.n_trs} TRs short"
+        )
+
+
+def group_by_stimulus(specs: list[ScanSpec]) -> dict[tuple, list[ScanSpec]]:
+    """Scans that heard the same audio on the same TR grid share one stimulus branch."""
+    groups: dict[tuple, list[ScanSpec]] = {}
+    for spec in specs:
+        key = (spec.task, spec.stimulus, spec.tr, spec.n_trs, float(spec.events["onset"].iloc[0]))
+        groups.setdefault(key, []).append(spec)
+    return groups
+
+
+__all__ = [
+    "AppError",
+    "ScanSpec",
+    "find_scans",
+    "read_gentle",
+    "words_in_scan_time",
+    "find_alignment",
+    "group_by_stimulus",
+]
