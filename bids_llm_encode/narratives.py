@@ -364,6 +364,8 @@ def find_scans(
         if require_images:
             bold = _derivative_bold(deriv_layout, derivatives, space, subject, task, run)
             if bold is None:
+                LOGGER.warning("no %s %s BOLD for %s in %s: skipped", derivatives, space,
+                               os.path.basename(raw_name), deriv_root)
                 continue
             mask = _derivative_mask(deriv_root, derivatives, space, bold[0], task)
             n_trs = count_trs(bold)

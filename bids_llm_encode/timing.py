@@ -124,3 +124,18 @@ def check_word_table(words: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"word table lacks columns {missing}; expected {list(WORD_COLUMNS)}")
     return words
+
+
+STORY_TAIL_S = 15.0  # keep the HRF's return to baseline after the story ends
+
+
+def story_trs(story_start: float, story_end: float, tr: float, n_trs: int) -> tuple[int, int]:
+    """[start, stop) TR indices of the story event plus the HRF tail, clipped to the scan.
+
+    Music and silence before the story are left out of every fit (the app analyses the
+    story, and those TRs carry no words)."""
+    start = max(0, int(np.floor(story_start / tr)))
+    stop = min(n_trs, int(np.ceil((story_end + STORY_TAIL_S) / tr)))
+    if stop - start < 2:
+        raise ValueError(f"story window [{story_start}, {story_end}] s holds < 2 TRs")
+    return start, stop

@@ -1,0 +1,112 @@
+"""BOLD in, maps out: one geometry object for volumes (NIfTI + mask) and fsaverage6
+surfaces (GIFTI per hemisphere, medial-wall NaN vertices excluded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputDataError
+from .narratives import check_readable
+
+
+@dataclass
+class Geometry:
+    """Where the columns of a (T x V) data matrix live in space."""
+
+    kind: str  # "volume" | "surface"
+    mask_img: object | None = None  # volume: 3D NIfTI mask on the BOLD grid
+    hemi_sizes: tuple[int, int] | None = None  # surface: vertices per hemisphere
+    keep: np.ndarray | None = None  # surface: bool over L+R vertices used
+
+    @property
+    def n_features(self) -> int:
+        if self.kind == "volume":
+            return int(np.asarray(self.mask_img.dataobj).astype(bool).sum())
+        return int(self.keep.sum())
+
+    def to_images(self, values: np.ndarray) -> dict[str, object]:
+        """(V,) or (n, V) -> {"": NIfTI} or {"L": GIFTI, "R": GIFTI}; unused places NaN."""
+        import nibabel as nib
+
+        values = np.asarray(values, dtype=np.float32)
+        stacked = values.ndim == 2
+        vals = values if stacked else values[None]
+        if self.kind == "volume":
+            mask = np.asarray(self.mask_img.dataobj).astype(bool)
+            vol = np.full(mask.shape + (vals.shape[0],), np.nan, dtype=np.float32)
+            vol[mask] = vals.T
+            data = vol if stacked else vol[..., 0]
+            return {"": nib.Nifti1Image(data, self.mask_img.affine)}
+        full = np.full((vals.shape[0], self.keep.size), np.nan, dtype=np.float32)
+        full[:, self.keep] = vals
+        nl = self.hemi_sizes[0]
+        out = {}
+        for hemi, block in (("L", full[:, :nl]), ("R", full[:, nl:])):
+            arrays = [nib.gifti.GiftiDataArray(row, intent="NIFTI_INTENT_NONE",
+                                               datatype="NIFTI_TYPE_FLOAT32") for row in block]
+            out[hemi] = nib.GiftiImage(darrays=arrays)
+        return out
+
+    def from_images(self, paths: list[str]) -> np.ndarray:
+        """Read maps written by :meth:`to_images` back to (n, V)."""
+        import nibabel as nib
+
+        if self.kind == "volume":
+            data = np.asarray(nib.load(paths[0]).dataobj, dtype=np.float32)
+            mask = np.asarray(self.mask_img.dataobj).astype(bool)
+            arr = data[mask]
+            return arr.T if arr.ndim == 2 else arr[None]
+        blocks = [np.stack([d.data for d in nib.load(p).darrays]) for p in paths]
+        return np.concatenate(blocks, axis=1)[:, self.keep]
+
+
+def load_bold(bold: list[str], mask: str | None, tr_slice: slice | None = None):
+    """(Y (T x V) float32, Geometry). NaN/constant voxels stay in and are handled by the
+    encoding stage (excluded and counted)."""
+    import nibabel as nib
+
+    for p in bold:
+        check_readable(p)
+    if bold[0].endswith(".gii"):
+        if len(bold) != 2:
+            raise InputDataError("surface data needs one GIFTI per hemisphere (L and R)")
+        hemis = [np.stack([d.data for d in nib.load(p).darrays]).astype(np.float32)
+                 for p in bold]
+        if hemis[0].shape[0] != hemis[1].shape[0]:
+            raise InputDataError(f"{bold[0]} and {bold[1]} have different numbers of TRs")
+        Y = np.concatenate(hemis, axis=1)
+        keep = ~np.isnan(Y).any(0)  # the medial wall is NaN in Narratives' GIFTIs
+        geom = Geometry("surface", hemi_sizes=(hemis[0].shape[1], hemis[1].shape[1]), keep=keep)
+        Y = Y[:, keep]
+    else:
+        img = nib.load(bold[0])
+        if img.ndim != 4:
+            raise InputDataError(f"{bold[0]} is not a 4D BOLD series")
+        if mask is not None:
+            mask_img = nib.load(check_readable(mask))
+            if mask_img.shape[:3] != img.shape[:3] or not np.allclose(
+                mask_img.affine, img.affine, atol=1e-3
+            ):
+                raise InputDataError(
+                    f"brain mask {mask} (shape {mask_img.shape[:3]}) is not on the grid of "
+                    f"{bold[0]} (shape {img.shape[:3]}): use the mask made for this task's grid"
+                )
+            mask_arr = np.asarray(mask_img.dataobj) > 0
+        else:
+            # No mask shipped: voxels with a non-zero, finite mean signal.
+            mean = np.asarray(img.dataobj[..., : min(10, img.shape[3])], dtype=np.float32).mean(-1)
+            mask_arr = np.isfinite(mean) & (mean != 0)
+        mask_img = nib.Nifti1Image(mask_arr.astype(np.uint8), img.affine)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        Y = data[mask_arr].T
+        geom = Geometry("volume", mask_img=mask_img)
+    if tr_slice is not None:
+        Y = Y[tr_slice]
+    return np.ascontiguousarray(Y), geom
+
+
+def map_paths(written: dict[str, Path]) -> list[str]:
+    return [str(written[k]) for k in sorted(written)]

@@ -1,0 +1,63 @@
+"""Nipype interface: AN regressors -> sparse dictionary (atoms, loadings, sub-groups)."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+class _DictInputSpec(BaseInterfaceInputSpec):
+    responses = File(exists=True, mandatory=True)
+    units = File(exists=True, mandatory=True)
+    n_atoms = traits.Either(traits.Int, traits.Str, default=64, usedefault=True)
+    alpha = traits.Either(None, traits.Float, traits.Str, default=None, usedefault=True)
+    seed = traits.Int(0, usedefault=True)
+    device = traits.Str("auto", usedefault=True)
+
+
+class _DictOutputSpec(TraitedSpec):
+    atoms = File(exists=True, desc="D: story TRs x k (.npy)")
+    loadings = File(exists=True, desc="A: k x ANs sparse (.npz)")
+    subgroups = File(exists=True, desc="per-atom AN sub-group table (TSV)")
+    meta = File(exists=True, desc="dictionary sidecar incl. fit statistics (JSON)")
+
+
+class LearnDictionary(SimpleInterface):
+    """Learn k unit-norm atoms with L1-sparse loadings over the ANs."""
+
+    input_spec = _DictInputSpec
+    output_spec = _DictOutputSpec
+
+    def _run_interface(self, runtime):
+        import scipy.sparse as sp
+
+        from ..dictionary import learn_dictionary, subgroup_table
+
+        inp = self.inputs
+        X = np.load(inp.responses)
+        kwargs = {}
+        if inp.alpha is not None:
+            kwargs["alpha"] = inp.alpha
+        res = learn_dictionary(X, n_atoms=inp.n_atoms, seed=inp.seed, device=inp.device,
+                               progress=False, **kwargs)
+        units = pd.read_csv(inp.units, sep="\t")
+        out = {k: os.path.join(runtime.cwd, v) for k, v in dict(
+            atoms="atoms.npy", loadings="loadings.npz", subgroups="subgroups.tsv",
+            meta="dictionary.json").items()}
+        np.save(out["atoms"], res.atoms.astype(np.float32))
+        sp.save_npz(out["loadings"], sp.csr_matrix(res.loadings))
+        subgroup_table(res, units).to_csv(out["subgroups"], sep="\t", index=False)
+        meta = dict(res.meta, stats=res.stats, n_ans=int(X.shape[1]),
+                    n_dropped_constant=int((~res.kept).sum()))
+        with open(out["meta"], "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+        self._results.update(out)
+        return runtime

@@ -1,0 +1,70 @@
+"""Nipype interface: one participant's BOLD + the stimulus atoms -> cross-validated maps."""
+
+import json
+import os
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+class _EncodeInputSpec(BaseInterfaceInputSpec):
+    bold = InputMultiObject(File(exists=True), mandatory=True, desc="NIfTI, or L+R GIFTI")
+    mask = traits.Either(None, File(exists=True), default=None, usedefault=True)
+    atoms = File(exists=True, mandatory=True)
+    alignment = File(exists=True, mandatory=True)
+    audio_onset = traits.Float(mandatory=True)
+    tr = traits.Float(mandatory=True)
+    n_trs = traits.Int(mandatory=True)
+    trs_start = traits.Int(mandatory=True)
+    trs_stop = traits.Int(mandatory=True)
+    hrf = traits.Str("glover", usedefault=True)
+    delays = traits.Either(None, traits.List(traits.Int), default=None, usedefault=True)
+    folds = traits.Int(5, usedefault=True)
+    gap_s = traits.Float(10.0, usedefault=True)
+    nuisance = traits.Bool(True, usedefault=True)
+    baseline_responses = traits.Either(None, File(exists=True), default=None, usedefault=True)
+    baseline_units = traits.Either(None, File(exists=True), default=None, usedefault=True)
+
+
+class _EncodeOutputSpec(TraitedSpec):
+    maps = File(exists=True, desc="npz: r2, r, r2_atoms, coefs, alphas, fold_r2")
+    meta = File(exists=True)
+    baseline_maps = traits.Either(None, File(exists=True))
+
+
+class FitEncoding(SimpleInterface):
+    """Nested-CV ridge of every voxel on the atoms (+ nuisance band)."""
+
+    input_spec = _EncodeInputSpec
+    output_spec = _EncodeOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..pipeline import fit_atom_encoding
+
+        inp = self.inputs
+        res, base = fit_atom_encoding(
+            bold=list(inp.bold), mask=inp.mask, atoms=np.load(inp.atoms),
+            alignment=inp.alignment, audio_onset=inp.audio_onset, tr=inp.tr,
+            n_trs=inp.n_trs, story=(inp.trs_start, inp.trs_stop), hrf=inp.hrf,
+            delays=inp.delays or None, folds=inp.folds, gap_s=inp.gap_s,
+            nuisance=inp.nuisance, baseline_responses=inp.baseline_responses,
+            baseline_units=inp.baseline_units,
+        )
+        maps = os.path.join(runtime.cwd, "encoding.npz")
+        np.savez(maps, **res["maps"])
+        meta = os.path.join(runtime.cwd, "encoding.json")
+        with open(meta, "w") as f:
+            json.dump(res["meta"], f, indent=2, default=str)
+        self._results.update(maps=maps, meta=meta, baseline_maps=None)
+        if base is not None:
+            bpath = os.path.join(runtime.cwd, "baseline.npz")
+            np.savez(bpath, **base)
+            self._results["baseline_maps"] = bpath
+        return runtime

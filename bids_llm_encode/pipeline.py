@@ -1,0 +1,151 @@
+"""Glue between files and the science functions, one function per participant-level step.
+
+The nipype interfaces call these; tests call them directly. Each reads its inputs, calls
+the plain science functions (encoding.py, networks.py) and returns arrays/tables.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .imaging import load_bold
+from .narratives import read_gentle, words_in_scan_time
+from .timing import fir_delays
+
+
+def atom_features(atoms: np.ndarray, delays: list[int] | None) -> np.ndarray:
+    """Atoms are HRF-convolved already, unless FIR delays were asked for."""
+    return fir_delays(atoms, delays) if delays else atoms
+
+
+def per_atom(coefs: np.ndarray, k: int, delays: list[int] | None) -> np.ndarray:
+    """FIR coefficients (k*n_delays x V, delay-major) -> one map per atom (sum over delays)."""
+    if not delays:
+        return coefs
+    return coefs.reshape(len(delays), k, -1).sum(0)
+
+
+def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, story, hrf="glover",
+                      delays=None, folds=5, gap_s=10.0, nuisance=True,
+                      baseline_responses=None, baseline_units=None):
+    from .encoding import (
+        fit_encoding,
+        layer_baseline,
+        nuisance_regressors,
+        nuisance_with_atom_energy,
+    )
+
+    start, stop = story
+    Y, geom = load_bold(bold, mask, slice(start, stop))
+    features = atom_features(atoms, delays)
+    nuis = None
+    if nuisance:
+        words = words_in_scan_time(read_gentle(alignment), audio_onset)
+        nuis_full = nuisance_regressors(words, tr, n_trs, hrf_model=hrf, delays=delays)
+        nuis = nuisance_with_atom_energy(nuis_full[start:stop], atoms)
+    res = fit_encoding(Y, features, tr, nuisance=nuis, n_folds=folds, gap_s=gap_s)
+    k = atoms.shape[1]
+    maps = {
+        "r2": res.r2, "r": res.r, "r2_atoms": res.r2_atoms,
+        "coefs": per_atom(res.coefs[: features.shape[1]], k, delays),
+        "alphas": res.alphas, "fold_r2": res.fold_r2,
+    }
+    meta = dict(res.meta, n_atoms=k, delays=delays, nuisance=bool(nuisance),
+                nuisance_columns=["word_rate", "silence", "atom_energy"] if nuisance else [],
+                story_trs=[start, stop], geometry=geom.kind, n_features_space=geom.n_features)
+    base = None
+    if baseline_responses is not None:
+        X = np.load(baseline_responses)
+        units = pd.read_csv(baseline_units, sep="\t")
+        layers = [X[:, (units["layer"] == layer).to_numpy()] for layer in
+                  sorted(units["layer"].unique())]
+        b = layer_baseline(Y, layers, n_components=k, tr=tr, n_folds=folds, gap_s=gap_s)
+        base = {"r2": b.r2, "r": b.r, "alphas": b.alphas, "fold_r2": b.fold_r2}
+        if hasattr(b, "best_layer"):
+            base["best_layer"] = b.best_layer
+    return {"maps": maps, "meta": meta}, base
+
+
+def label_participant(bold, mask, atoms, maps, story, delays=None, atlases=("seitzman2018",),
+                      labels=None, threshold=1.96, null="shift", n_null=1000, seed=0):
+    from .networks import load_atlas, label_atoms, shift_null_coefs
+
+    start, stop = story
+    Y, geom = load_bold(bold, mask, slice(start, stop))
+    D = np.load(atoms)
+    enc = np.load(maps)
+    coefs, r2, alphas = enc["coefs"], enc["r2_atoms"], enc["alphas"]
+    atlas_objs = _load_atlases(atlases, labels, geom, load_atlas)
+    features = atom_features(D, delays)
+    k = D.shape[1]
+
+    def null_maps(n, rng_seed):
+        null = shift_null_coefs(Y, features, alphas, n_null=n, seed=rng_seed)
+        return np.stack([per_atom(c, k, delays) for c in null])
+
+    table = label_atoms(coefs, r2, atlas_objs, null_maps(n_null, seed), z=threshold)
+    meta = {"atlases": [a.name for a in atlas_objs], "threshold_z": threshold, "null": null,
+            "n_null": n_null, "seed": seed,
+            "threshold_rule": "z of the coefficient map across voxels with held-out R2 > 0"}
+    return table, meta
+
+
+def _load_atlases(specs, labels, geom, load_atlas):
+    label_iter = iter(labels or [])
+    out = []
+    for spec in specs:
+        lab = None if spec in ("seitzman2018", "schaefer2018-7", "schaefer2018-17") else next(
+            label_iter, None)
+        out.append(load_atlas(spec, geom.mask_img, geom.mask_img, labels=lab))
+    return out
+
+
+def write_participant_outputs(output_dir, entities, bold, mask, maps, encoding_meta,
+                              baseline_maps, networks, networks_meta, dictionary_meta,
+                              settings) -> list[str]:
+    from pathlib import Path
+
+    from .derivatives import bids_name, software_versions, write_image, write_json, write_tsv
+    from .outputs import write_maps
+
+    _, geom = load_bold(bold, mask, slice(0, 1))
+    ent = dict(entities)
+    folder = Path(output_dir) / f"sub-{ent['sub']}" / "func"
+    enc = np.load(maps)
+    sidecar = {
+        "Model": ent["model"], "Units": settings.get("units"),
+        "NumberOfAtoms": int(enc["coefs"].shape[0]),
+        "DictionaryAlpha": dictionary_meta.get("alpha"),
+        "Encoding": encoding_meta, "Settings": settings,
+        "SoftwareVersions": software_versions(), "Sources": list(bold),
+    }
+    written = write_maps(folder, ent, geom, {
+        ("r2", "atoms"): enc["r2_atoms"], ("r2", "full"): enc["r2"], ("r", "full"): enc["r"],
+        ("effect", "atoms"): enc["coefs"], ("alpha", None): enc["alphas"],
+    }, sidecar)
+    if geom.kind == "volume":
+        mask_name = bids_name("mask", ".nii.gz", sub=ent["sub"], task=ent["task"],
+                              run=ent.get("run"), space=ent["space"], desc="brain")
+        written.append(str(write_image(folder / mask_name, geom.mask_img)))
+    if baseline_maps is not None:
+        base = np.load(baseline_maps)
+        bent = dict(ent, model=f"{ent['model']}layers")
+        written += write_maps(folder, bent, geom, {
+            ("r2", "full"): base["r2"], ("r", "full"): base["r"], ("alpha", None): base["alphas"],
+        }, dict(sidecar, Baseline="layer-wise mlp-out embeddings, PCA-reduced in each "
+                "training fold to the number of atoms"))
+    stem = bids_name("networks", ".tsv", **{k: ent.get(k) for k in
+                                             ("sub", "task", "run", "space", "model")})
+    table = pd.read_csv(networks, sep="\t")
+    written.append(str(write_tsv(folder / stem, table)))
+    written.append(str(write_json(folder / stem.replace(".tsv", ".json"), dict(
+        networks_meta, Columns={
+            "atom": "atom number (1-based, as in the atoms TSV)",
+            "atlas": "functional brain network atlas", "network": "network name",
+            "direction": "activated (coefficients above +z) or deactivated (below -z)",
+            "dice": "Dice overlap of the thresholded map and the network",
+            "p": "null p (circular time shifts refitted, or spins on surfaces)",
+            "q": "Benjamini-Hochberg q across atoms x networks x atlases x directions",
+            "n_voxels": "voxels in the thresholded map"}))))
+    return written

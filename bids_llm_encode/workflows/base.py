@@ -1,0 +1,216 @@
+"""The nipype graphs.
+
+participant: per (task, audio, TR grid, model) one stimulus branch
+(extraction -> dictionary -> atoms sink) shared by every participant who heard that audio;
+per participant x scan x model an encoding -> network-labelling -> derivatives branch,
+then one report per participant.
+group: one node per (task, space, model), then the model comparison and the group report.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from nipype.pipeline import engine as pe
+
+from ..config import Settings
+from ..derivatives import init_derivatives, model_label
+from ..errors import AppError
+from ..interfaces.derivatives import WriteParticipantOutputs, WriteStimulusOutputs
+from ..interfaces.dictionary import LearnDictionary
+from ..interfaces.encoding import FitEncoding
+from ..interfaces.extraction import ExtractResponses
+from ..interfaces.networks import LabelNetworks
+from ..narratives import find_scans, group_by_stimulus
+from ..timing import story_trs
+
+LOGGER = logging.getLogger("bids_llm_encode.workflow")
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "_", str(text)).strip("_")
+
+
+def _node(interface, name, mem_gb, n_procs=1, crash_dir=None):
+    node = pe.Node(interface, name=name, mem_gb=mem_gb, n_procs=n_procs)
+    if crash_dir is not None:
+        node.config = {"execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt"}}
+    return node
+
+
+def estimate_mem_gb(n_trs: int, n_ans: int, n_voxels: int = 30000) -> dict:
+    """Rough per-node memory (GB) so MultiProc does not overcommit."""
+    x = n_trs * n_ans * 4 / 1e9
+    return {
+        "extract": 1.5 + 3 * x,
+        "dictionary": 0.5 + 4 * x,
+        "encode": 0.5 + 12 * n_trs * n_voxels * 4 / 1e9,
+        "label": 1.0 + 20 * n_trs * n_voxels * 4 / 1e9,
+        "sink": 0.5,
+    }
+
+
+def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
+    """The participant-level graph for every scan in ``specs`` (found if not given)."""
+    if specs is None:
+        specs = find_scans(
+            settings.bids_dir, settings.participant_label, settings.task_label,
+            derivatives=settings.derivatives, space=settings.space, exclude=settings.exclude,
+            validate=not settings.skip_bids_validation,
+        )
+    wf = pe.Workflow(name="bids_llm_encode_wf", base_dir=str(settings.work_dir))
+    out_dir = str(settings.output_dir)
+    cfg = settings.to_json()
+    fir = bool(settings.delays)
+    cache_dir = str(Path(settings.work_dir) / "extraction_cache")
+    for key, group in group_by_stimulus(specs).items():
+        task, stimulus, tr, n_trs, audio_onset = key
+        spec0 = group[0]
+        start, stop = story_trs(*spec0.story_window, tr, n_trs)
+        mem = estimate_mem_gb(stop - start, 20000)
+        for model in settings.model:
+            mlabel = model_label(model)
+            stem = f"{_safe(task)}_{_safe(stimulus)}_{_safe(tr)}_{mlabel}"
+            common = dict(
+                alignment=spec0.alignment, audio_onset=audio_onset, tr=tr, n_trs=n_trs,
+                trs_start=start, trs_stop=stop,
+            )
+            extract = _node(ExtractResponses(
+                model=model, units=settings.units, context_tokens=settings.context_tokens,
+                # FIR: the dictionary sees per-TR responses; delays are applied to the atoms.
+                hrf="none" if fir else settings.hrf, device=settings.device,
+                dtype=settings.dtype, cache_dir=cache_dir, **common,
+            ), f"extract_{stem}", mem["extract"], n_procs=2)
+            dictionary = _node(LearnDictionary(
+                n_atoms=settings.n_atoms, alpha=settings.alpha_an, seed=settings.seed,
+                device=settings.device,
+            ), f"dictionary_{stem}", mem["dictionary"], n_procs=2)
+            wf.connect([(extract, dictionary, [("responses", "responses"), ("units", "units")])])
+            stim_sink = _node(WriteStimulusOutputs(
+                output_dir=out_dir, task=task, stimulus=stimulus, model=mlabel, tr=tr,
+                trs_start=start, settings=cfg,
+            ), f"sink_atoms_{stem}", mem["sink"])
+            wf.connect([
+                (extract, stim_sink, [("units", "units"), ("meta", "extraction_meta")]),
+                (dictionary, stim_sink, [("atoms", "atoms"), ("loadings", "loadings"),
+                                         ("subgroups", "subgroups"), ("meta", "dictionary_meta")]),
+            ])
+            baseline_src = None
+            if settings.baseline == "layers":
+                baseline_src = extract
+                if settings.units != "mlp-out" or fir:
+                    baseline_src = _node(ExtractResponses(
+                        model=model, units="mlp-out", context_tokens=settings.context_tokens,
+                        hrf=settings.hrf, device=settings.device, dtype=settings.dtype,
+                        cache_dir=cache_dir, **common,
+                    ), f"extract_layers_{stem}", mem["extract"], n_procs=2)
+            for spec in group:
+                _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary,
+                                 baseline_src, cfg, mem)
+    return wf
+
+
+def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, baseline_src,
+                     cfg, mem):
+    crash_dir = Path(settings.output_dir) / f"sub-{spec.subject}" / "log"
+    name = f"{_safe(spec.scan_id)}_{mlabel}"
+    nvox_mem = estimate_mem_gb(common["trs_stop"] - common["trs_start"], 1)
+    encode = _node(FitEncoding(
+        bold=spec.bold, mask=spec.mask, hrf=settings.hrf, delays=settings.delays,
+        folds=settings.folds, gap_s=settings.gap_s, nuisance=settings.nuisance, **common,
+    ), f"encode_{name}", nvox_mem["encode"], crash_dir=crash_dir)
+    wf.connect(dictionary, "atoms", encode, "atoms")
+    if baseline_src is not None:
+        wf.connect([(baseline_src, encode, [("responses", "baseline_responses"),
+                                            ("units", "baseline_units")])])
+    label = _node(LabelNetworks(
+        bold=spec.bold, mask=spec.mask, trs_start=common["trs_start"],
+        trs_stop=common["trs_stop"], delays=settings.delays, atlases=settings.fbn_atlas,
+        labels=settings.fbn_labels, threshold=settings.map_threshold, null=settings.null,
+        n_null=settings.n_null, seed=settings.seed,
+    ), f"label_{name}", nvox_mem["label"], crash_dir=crash_dir)
+    wf.connect([(dictionary, label, [("atoms", "atoms")]), (encode, label, [("maps", "maps")])])
+    entities = {"sub": spec.subject, "task": spec.task, "space": spec.space, "model": mlabel}
+    if spec.run is not None:
+        entities["run"] = spec.run
+    sink = _node(WriteParticipantOutputs(
+        output_dir=str(settings.output_dir), entities=entities, bold=spec.bold, mask=spec.mask,
+        settings=cfg,
+    ), f"sink_{name}", 0.5, crash_dir=crash_dir)
+    wf.connect([
+        (encode, sink, [("maps", "maps"), ("meta", "encoding_meta"),
+                        ("baseline_maps", "baseline_maps")]),
+        (label, sink, [("networks", "networks"), ("meta", "networks_meta")]),
+        (dictionary, sink, [("meta", "dictionary_meta")]),
+    ])
+    return sink
+
+
+def plugin_settings(settings: Settings) -> dict:
+    """MultiProc by default; --use-plugin YAML ('plugin', 'plugin_args') for anything else."""
+    import os
+
+    if settings.use_plugin is not None:
+        import yaml
+
+        data = yaml.safe_load(Path(settings.use_plugin).read_text()) or {}
+        if "plugin" not in data:
+            raise AppError(f"--use-plugin {settings.use_plugin}: needs a 'plugin:' entry")
+        return {"plugin": data["plugin"], "plugin_args": data.get("plugin_args", {}) or {}}
+    args = {"n_procs": settings.nprocs or os.cpu_count() or 1, "raise_insufficient": False}
+    if settings.mem_mb:
+        args["memory_gb"] = settings.mem_mb / 1024
+    return {"plugin": "MultiProc", "plugin_args": args}
+
+
+def execute(wf: pe.Workflow, settings: Settings) -> None:
+    """Run the graph; on failure raise AppError naming the failing nodes and crash files."""
+    from nipype import config as ncfg
+
+    ncfg.set("execution", "crashfile_format", "txt")
+    ncfg.set("execution", "crashdump_dir", str(Path(settings.output_dir) / "log"))
+    ncfg.set("execution", "remove_unnecessary_outputs", "false")
+    ncfg.set("execution", "stop_on_first_crash", "false")
+    ncfg.set("monitoring", "enabled", "false")
+    plugin = plugin_settings(settings)
+    try:
+        return wf.run(**plugin)
+    except RuntimeError as err:
+        crashes = sorted(Path(settings.output_dir).rglob("crash-*.txt"))
+        failing = sorted({_node_from_crash(c) for c in crashes}) or ["(see log)"]
+        where = "; ".join(str(c) for c in crashes[-3:])
+        raise AppError(
+            f"workflow step(s) failed: {', '.join(failing)}; crash reports: {where or err}"
+        ) from None
+
+
+def _node_from_crash(path: Path) -> str:
+    m = re.search(r"crash-\d+-\d+-[^-]+-(.+?)-[0-9a-f-]{36}\.txt$", path.name)
+    return m.group(1) if m else path.name
+
+
+def run_participant(settings: Settings) -> None:
+    specs = find_scans(
+        settings.bids_dir, settings.participant_label, settings.task_label,
+        derivatives=settings.derivatives, space=settings.space, exclude=settings.exclude,
+        validate=not settings.skip_bids_validation,
+    )
+    init_derivatives(settings.output_dir, settings.bids_dir)
+    for sub in sorted({s.subject for s in specs}):
+        settings.save(Path(settings.output_dir) / "log" / f"config-participant-sub-{sub}.json")
+    wf = init_bids_llm_encode_wf(settings, specs)
+    LOGGER.warning("running %d scans of %d participants through %d nodes",
+                   len(specs), len({s.subject for s in specs}), len(wf._graph.nodes()))
+    execute(wf, settings)
+    if settings.reports:
+        from ..reports import write_participant_reports
+
+        write_participant_reports(settings, specs)
+
+
+def run_group(settings: Settings) -> None:
+    from ..group_level import run_group_level
+
+    run_group_level(settings)
