@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .errors import AppError
 from .imaging import load_bold
 from .narratives import read_gentle, words_in_scan_time
 from .timing import fir_delays
@@ -80,11 +81,21 @@ def label_participant(bold, mask, atoms, maps, story, delays=None, atlases=("sei
     features = atom_features(D, delays)
     k = D.shape[1]
 
-    def null_maps(n, rng_seed):
-        null = shift_null_coefs(Y, features, alphas, n_null=n, seed=rng_seed)
-        return np.stack([per_atom(c, k, delays) for c in null])
-
-    table = label_atoms(coefs, r2, atlas_objs, null_maps(n_null, seed), z=threshold)
+    if null == "spin":
+        # networks.SpinNull implements the rotations; wiring it to masked fsaverage6 maps
+        # (medial wall removed) is not done yet.
+        raise AppError("--null spin is not wired into the participant workflow yet; "
+                       "use --null shift (the default), which works on surfaces too")
+    elif delays:
+        # FIR: null coefficients per delay are summed per atom like the observed ones.
+        null = shift_null_coefs(Y, features, alphas, n_null=n_null, seed=seed)
+        null = np.stack([per_atom(c, k, delays) for c in null])
+        table = label_atoms(coefs, r2, atlas_objs, null, z=threshold)
+    else:
+        # Streaming null: never holds n_null x k x V at once.
+        null_obj = shift_null_coefs(Y, features, alphas, n_null=n_null, seed=seed,
+                                    as_array=False)
+        table = label_atoms(coefs, r2, atlas_objs, null_obj, z=threshold)
     meta = {"atlases": [a.name for a in atlas_objs], "threshold_z": threshold, "null": null,
             "n_null": n_null, "seed": seed,
             "threshold_rule": "z of the coefficient map across voxels with held-out R2 > 0"}

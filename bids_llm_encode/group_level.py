@@ -1,0 +1,221 @@
+"""The ``group`` analysis level: read participant outputs, summarise, compare models.
+
+One summary per task x space x model, then one model comparison per task x space. It reads
+only what the participant level wrote into output_dir (and the participants' BOLD from
+bids_dir for the leave-one-out noise ceiling). It runs in-process (not as nipype nodes):
+it is light next to the participant level.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputDataError, MissingInputError
+
+LOGGER = logging.getLogger("bids_llm_encode.group")
+
+_NETWORKS_RE = re.compile(
+    r"sub-(?P<sub>[^_]+)_task-(?P<task>[^_]+)(?:_run-(?P<run>\d+))?_space-(?P<space>[^_]+)"
+    r"_model-(?P<model>[^_]+)_networks\.tsv$"
+)
+
+
+def collect_participant_outputs(output_dir) -> dict[tuple, list[dict]]:
+    """{(task, space, model): [{sub, run, networks, prefix, folder}]} from sub-*/func."""
+    found = defaultdict(list)
+    for path in sorted(Path(output_dir).glob("sub-*/func/*_networks.tsv")):
+        m = _NETWORKS_RE.search(path.name)
+        if not m:
+            continue
+        info = m.groupdict()
+        info["networks"] = str(path)
+        info["prefix"] = path.name[: -len("_networks.tsv")]
+        info["folder"] = str(path.parent)
+        found[(info["task"], info["space"], info["model"])].append(info)
+    if not found:
+        raise MissingInputError(
+            f"no participant outputs in {output_dir} (sub-*/func/*_networks.tsv): run the "
+            "'participant' level first"
+        )
+    return dict(found)
+
+
+def _stat_paths(rec: dict, stat: str, desc: str | None) -> list[str]:
+    d = f"_desc-{desc}" if desc else ""
+    folder = Path(rec["folder"])
+    vol = folder / f"{rec['prefix']}_stat-{stat}{d}_statmap.nii.gz"
+    if vol.exists():
+        return [str(vol)]
+    surf = [folder / rec["prefix"].replace(f"_model-{rec['model']}",
+                                           f"_model-{rec['model']}_hemi-{h}") for h in "LR"]
+    surf = [Path(f"{p}_stat-{stat}{d}_statmap.func.gii") for p in surf]
+    if all(p.exists() for p in surf):
+        return [str(p) for p in surf]
+    raise MissingInputError(f"participant output {vol} is missing; rerun that participant")
+
+
+def common_geometry(records: list[dict]):
+    """Intersection of the participants' analysis masks (volumes on one grid)."""
+    import nibabel as nib
+
+    from .imaging import Geometry
+
+    first = records[0]
+    if _stat_paths(first, "r2", "atoms")[0].endswith(".gii"):
+        keeps = []
+        for rec in records:
+            L, R = (np.stack([d.data for d in nib.load(p).darrays])[0]
+                    for p in _stat_paths(rec, "r2", "atoms"))
+            keeps.append(np.isfinite(np.concatenate([L, R])))
+        keep = np.logical_and.reduce(keeps)
+        return Geometry("surface", hemi_sizes=(L.size, R.size), keep=keep), None
+    masks, ref = [], None
+    for rec in records:
+        img = nib.load(_stat_paths(rec, "r2", "atoms")[0])
+        if ref is None:
+            ref = img
+        elif img.shape != ref.shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
+            raise InputDataError(
+                f"participant maps of sub-{rec['sub']} are on another grid than sub-"
+                f"{first['sub']}'s: the group level needs one grid (use one protocol's "
+                "participants per task, or resampled derivatives)")
+        masks.append(np.isfinite(np.asarray(img.dataobj)))
+    mask = np.logical_and.reduce(masks)
+    mask_img = nib.Nifti1Image(mask.astype(np.uint8), ref.affine)
+    return Geometry("volume", mask_img=mask_img), mask_img
+
+
+def group_summary(settings, task: str, space: str, model: str, records: list[dict]) -> dict:
+    """Group t-maps, group labels, noise ceiling; writes group/ files; returns a summary."""
+    from .derivatives import write_image, write_tsv
+    from .encoding import noise_ceiling
+    from .group import group_labels, group_ttest
+    from .imaging import load_bold
+    from .narratives import find_scans
+    from .networks import load_atlas
+    from .outputs import write_maps
+    from .pipeline import _load_atlases
+
+    out = Path(settings.output_dir) / "group"
+    geom, mask_img = common_geometry(records)
+    coefs = [geom_values(geom, _stat_paths(r, "effect", "atoms")) for r in records]
+    r2s = [geom_values(geom, _stat_paths(r, "r2", "atoms"))[0] for r in records]
+    tables = [pd.read_csv(r["networks"], sep="\t") for r in records]
+    k = coefs[0].shape[0]
+    t_map, _ = group_ttest(coefs)
+    r2_mean = np.nanmean(np.stack(r2s), 0)
+    atlases = _load_atlases(settings.fbn_atlas, settings.fbn_labels, geom, load_atlas)
+    table = group_labels(tables, coefs, r2_mean, atlases, z=settings.map_threshold,
+                         n_null=min(settings.n_null, 2 ** len(coefs)), seed=settings.seed)
+    ent = {"task": task, "space": space}
+    written = []
+    stem = f"task-{task}_space-{space}_model-{model}"
+    written.append(write_tsv(out / f"{stem}_networks.tsv", table))
+    sidecar = {"Model": model, "NumberOfParticipants": len(records),
+               "Participants": [r["sub"] for r in records], "NumberOfAtoms": k}
+    maps = {("t", "atoms"): t_map, ("r2", "mean"): r2_mean}
+
+    # Noise ceiling: leave-one-participant-out ISC on the same story TRs.
+    ceiling = None
+    subjects = sorted({r["sub"] for r in records})
+    if len(subjects) >= 2:
+        specs = find_scans(settings.bids_dir, subjects, [task],
+                           derivatives=settings.derivatives, space=space,
+                           exclude=settings.exclude,
+                           validate=not settings.skip_bids_validation)
+        from .timing import story_trs
+
+        Ys = []
+        for spec in specs:
+            start, stop = story_trs(*spec.story_window, spec.tr, spec.n_trs)
+            Y, g = load_bold(spec.bold, spec.mask, slice(start, stop))
+            Ys.append(_to_common(Y, g, geom))
+        if len({Y.shape for Y in Ys}) == 1:
+            ceiling = noise_ceiling(Ys)
+            frac = np.where(ceiling["ceiling_r2"] > 0, r2_mean / ceiling["ceiling_r2"], np.nan)
+            reliable = reliable_mask(ceiling["isc_per_participant"])
+            frac = np.where(reliable, frac, np.nan)
+            maps[("r2", "ceilingfraction")] = frac
+            written += write_maps(out, dict(ent), geom, {("isc", "ceiling"): ceiling["isc"]},
+                                  dict(sidecar, Model=None))
+            if mask_img is not None:
+                import nibabel as nib
+
+                rel = np.zeros(mask_img.shape, np.uint8)
+                rel[np.asarray(mask_img.dataobj) > 0] = reliable
+                written.append(write_image(out / f"task-{task}_space-{space}_desc-reliable_mask.nii.gz",
+                                           nib.Nifti1Image(rel, mask_img.affine)))
+        else:
+            LOGGER.warning("participants' story lengths differ; no noise ceiling for %s", task)
+    written += write_maps(out, dict(ent, model=model), geom, maps, sidecar)
+    return {"model": model, "table": table, "r2_mean": r2_mean,
+            "ceiling": ceiling, "n_participants": len(records), "k": k,
+            "atoms": _read_atoms(settings.output_dir, task, model)}
+
+
+def reliable_mask(isc_per_participant: np.ndarray) -> np.ndarray:
+    """Voxels whose leave-one-out ISC is > 0 across participants (one-sided t, p < .05)."""
+    from scipy import stats
+
+    per = np.asarray(isc_per_participant, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t, p = stats.ttest_1samp(per, 0.0, axis=0, alternative="greater", nan_policy="omit")
+    return np.nan_to_num(np.asarray(p), nan=1.0) < 0.05
+
+
+def geom_values(geom, paths) -> np.ndarray:
+    return geom.from_images(paths)
+
+
+def _to_common(Y, g, geom):
+    if geom.kind == "volume":
+        own = np.asarray(g.mask_img.dataobj) > 0
+        common = np.asarray(geom.mask_img.dataobj) > 0
+        full = np.zeros((Y.shape[0],) + own.shape, np.float32)
+        full[:, own] = Y
+        return full[:, common]
+    full = np.full((Y.shape[0], g.keep.size), np.nan, np.float32)
+    full[:, g.keep] = Y
+    return full[:, geom.keep]
+
+
+def _read_atoms(output_dir, task, model):
+    files = sorted((Path(output_dir) / "atoms").glob(f"task-{task}*_model-{model}_atoms.tsv"))
+    if not files:
+        return None
+    return pd.read_csv(files[0], sep="\t").drop(columns=["onset"]).to_numpy()
+
+
+def run_group_level(settings) -> None:
+    from .derivatives import init_derivatives, write_tsv
+    from .group import model_comparison
+
+    found = collect_participant_outputs(settings.output_dir)
+    init_derivatives(settings.output_dir, settings.bids_dir)
+    settings.save(Path(settings.output_dir) / "log" / "config-group.json")
+    by_task = defaultdict(dict)
+    for (task, space, model), records in sorted(found.items()):
+        if settings.task_label and task not in settings.task_label:
+            continue
+        LOGGER.warning("group level: task %s, %s, model %s, %d participant scans",
+                       task, space, model, len(records))
+        by_task[(task, space)][model] = group_summary(settings, task, space, model, records)
+    for (task, space), per_model in by_task.items():
+        if len(per_model) > 1:
+            table = model_comparison({
+                m: dict(labels=s["table"], atoms=s["atoms"], r2_maps=[s["r2_mean"]],
+                        reliability_mask=None if s["ceiling"] is None else
+                        reliable_mask(s["ceiling"]["isc_per_participant"]))
+                for m, s in per_model.items()})
+            write_tsv(Path(settings.output_dir) / "group" /
+                      f"task-{task}_space-{space}_networks-by-model.tsv", table)
+    if settings.reports:
+        from .reports import write_group_report
+
+        write_group_report(settings)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The app's main job on the embedded default data: simulate a Narratives-shaped dataset
+# with planted ground truth, then run `participant` and `group` with the bundled model.
+set -euo pipefail
+out="${1:-demo}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+rm -rf "$out"
+bids_llm_encode_simulate "$out/bids" --participants 3
+bids_llm_encode "$out/bids" "$out/derivatives" participant -w "$out/work"
+bids_llm_encode "$out/bids" "$out/derivatives" group -w "$out/work"
+echo
+echo "derivatives: $out/derivatives  (reports: $out/derivatives/sub-001.html, $out/derivatives/group.html)"
+echo "planted:     $out/bids/sourcedata/ground_truth.json"
+echo "recovered:   $(ls "$out"/derivatives/group/*_networks.tsv)"
