@@ -775,6 +775,22 @@ class ShiftNull:
 
     __call__ = blocks
 
+    def compute(self, idx) -> np.ndarray:
+        """Null coefficients ``(n_null x k x len(idx))`` for any voxel indices."""
+        idx = np.asarray(idx, np.int64)
+        out = np.empty((self.n_null, self.k, idx.size), np.float32)
+        if self._groups[0][0] < 0:
+            out[:] = self._block(-1, idx)
+            return out
+        inverse = np.empty(self.V, np.int64)
+        for g, members in self._groups:
+            inverse[members] = g
+        ginv = inverse[idx]
+        for g in np.unique(ginv):
+            pos = np.flatnonzero(ginv == g)
+            out[:, :, pos] = self._block(int(g), idx[pos])
+        return out
+
     def _block(self, g, idx) -> np.ndarray:
         FY = np.conj(sp_fft.rfft(self._Y[:, idx], axis=0))  # (F x Vb) complex64
         if g >= 0:

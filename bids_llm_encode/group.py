@@ -1,0 +1,306 @@
+"""Group statistics across participants and comparison across models (METHOD.md step 6).
+
+* :func:`group_ttest` -- one-sample t across participants, per atom and voxel.
+* :func:`group_labels` -- per atom x direction x atlas x network: in how many participants
+  the label holds (participant q < 0.05) and the Dice / p / q of the group t-map.
+* Group nulls for :func:`bids_llm_encode.networks.label_atoms`:
+
+  - :class:`SignFlipNull` (default): each permutation flips the sign of whole participant
+    coefficient maps and recomputes the t-map. Whole maps are flipped, so the spatial
+    autocorrelation of each participant's map is kept; the null is exact under the
+    hypothesis that participant maps are symmetric about 0. With P participants only 2^P
+    sign patterns exist (all of them are used when ``n_null >= 2^P - 1``), so the smallest
+    attainable p is ``1 / 2^P``: P = 4 gives 0.0625 and can never reach p < 0.05, P >= 5
+    is needed for 0.05 and more for FDR across many rows.
+  - :class:`GroupShiftNull`: for few participants. Null t-maps are built from the
+    participants' circular-shift null maps (:class:`~bids_llm_encode.networks.ShiftNull`),
+    the same shift for every participant in each draw (stories are time-locked across
+    participants, so this keeps the shared structure). Needs every participant's BOLD and
+    atoms at the group stage.
+* :func:`model_comparison` -- one row per model, side by side.
+* :func:`reliability_mask` -- voxels whose noise ceiling (ISC) passes a threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from bids_llm_encode.errors import InputDataError
+from bids_llm_encode.networks import Atlas, ShiftNull, label_atoms
+
+__all__ = [
+    "GroupShiftNull",
+    "SignFlipNull",
+    "group_labels",
+    "group_ttest",
+    "model_comparison",
+    "participant_counts",
+    "reliability_mask",
+]
+
+KEYS = ["atom", "atlas", "network", "direction"]
+
+
+def _stack_maps(coef_maps, what="coefficient maps") -> np.ndarray:
+    maps = [np.atleast_2d(np.asarray(m, np.float64)) for m in coef_maps]
+    if len(maps) == 0:
+        raise InputDataError(f"group: no participant {what} (zero participants)")
+    shapes = {m.shape for m in maps}
+    if len(shapes) != 1:
+        raise InputDataError(f"group: participant {what} differ in shape {sorted(shapes)} "
+                             "(same atoms and mask needed)")
+    return np.stack(maps, 0)
+
+
+def _t_from_stack(X) -> np.ndarray:
+    """t over axis 0 (P), population-free formula shared with the sign-flip null."""
+    P = X.shape[0]
+    m = X.mean(0)
+    ss = (X * X).sum(0)
+    var = np.maximum(ss - P * m * m, 0.0) / (P - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = m / np.sqrt(var / P)
+    return np.where(var > 0, t, 0.0)
+
+
+def group_ttest(coef_maps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """One-sample t-test across participants, per atom and voxel.
+
+    ``coef_maps``: list of (k x V) arrays (one per participant, same mask). Returns
+    ``(t, p)`` (k x V each; two-sided p, df = P - 1). Voxels with zero variance get t = 0,
+    p = 1. Needs at least 2 participants.
+    """
+    from scipy import stats
+
+    X = _stack_maps(coef_maps)
+    if X.shape[0] < 2:
+        raise InputDataError(f"group: a t-test needs at least 2 participants, got {X.shape[0]}")
+    t = _t_from_stack(X)
+    p = 2.0 * stats.t.sf(np.abs(t), df=X.shape[0] - 1)
+    p = np.where(np.isfinite(p), p, 1.0)
+    return t, p
+
+
+class SignFlipNull:
+    """Sign-flip permutation null for the group t-map (see the module docstring).
+
+    ``blocks(coefs, r2)`` yields ``(voxel slice, null t-maps (n_null x k x Vb), None)``.
+    ``n_null`` is the number of non-identity sign patterns used; when ``2^P - 1 <= n_null``
+    all patterns are enumerated (``exhaustive``) and ``min_p = 1 / 2^P``.
+    """
+
+    def __init__(self, coef_maps, n_null: int = 1000, seed: int = 0,
+                 batch: int | None = None):
+        self.X = _stack_maps(coef_maps).astype(np.float32)
+        P = self.X.shape[0]
+        if P < 2:
+            raise InputDataError(f"group: a sign-flip null needs at least 2 participants, "
+                                 f"got {P}")
+        if 2 ** P - 1 <= n_null:
+            codes = np.arange(1, 2 ** P)  # every pattern except "no flip"
+            self.signs = 1.0 - 2.0 * ((codes[:, None] >> np.arange(P)[None]) & 1)
+            self.exhaustive = True
+        else:
+            rng = np.random.default_rng(seed)
+            self.signs = rng.choice([-1.0, 1.0], size=(int(n_null), P))
+            self.exhaustive = False
+        self.signs = self.signs.astype(np.float32)
+        self.n_null = int(self.signs.shape[0])
+        self.min_p = 1.0 / (self.n_null + 1)
+        k, V = self.X.shape[1:]
+        self.batch = batch or int(max(1, min(V, 128 * 2**20 // (8 * (self.n_null + P) * k))))
+
+    def blocks(self, coefs=None, r2=None) -> Iterator[tuple[slice, np.ndarray, None]]:
+        P, k, V = self.X.shape
+        for start in range(0, V, self.batch):
+            sl = slice(start, min(V, start + self.batch))
+            Xb = self.X[:, :, sl].astype(np.float64)
+            nb = Xb.shape[2]
+            m = (self.signs.astype(np.float64) @ Xb.reshape(P, -1)) / P  # (n x k*Vb)
+            ss = (Xb * Xb).sum(0).reshape(1, -1)
+            var = np.maximum(ss - P * m * m, 0.0) / (P - 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                t = np.where(var > 0, m / np.sqrt(var / P), 0.0)
+            yield sl, t.reshape(self.n_null, k, nb).astype(np.float32), None
+
+    __call__ = blocks
+
+
+class GroupShiftNull:
+    """Group t-maps of the participants' circular-shift null maps (same shift per draw).
+
+    ``participant_nulls``: :class:`~bids_llm_encode.networks.ShiftNull` objects built with
+    the same number of TRs, ``n_null``, ``min_shift`` and ``seed`` (hence the same shifts).
+    """
+
+    def __init__(self, participant_nulls: Sequence[ShiftNull], batch: int | None = None):
+        nulls = list(participant_nulls)
+        if len(nulls) < 2:
+            raise InputDataError(f"group: a group shift null needs at least 2 participants, "
+                                 f"got {len(nulls)}")
+        ref = nulls[0]
+        for nl in nulls[1:]:
+            if nl.V != ref.V or nl.k != ref.k or not np.array_equal(nl.shifts, ref.shifts):
+                raise InputDataError("group: participant shift nulls differ in voxels, atoms "
+                                     "or shifts (build them with the same T, n_null, "
+                                     "min_shift and seed)")
+        self.nulls = nulls
+        self.n_null = ref.n_null
+        self.shifts = ref.shifts
+        self.batch = batch or min(nl.batch for nl in nulls)
+
+    def blocks(self, coefs=None, r2=None) -> Iterator[tuple[slice, np.ndarray, None]]:
+        V = self.nulls[0].V
+        for start in range(0, V, self.batch):
+            idx = np.arange(start, min(V, start + self.batch))
+            X = np.stack([nl.compute(idx) for nl in self.nulls], 0).astype(np.float64)
+            yield idx, _t_from_stack(X).astype(np.float32), None
+
+    __call__ = blocks
+
+
+def participant_counts(participant_tables: Sequence[pd.DataFrame],
+                       q_alpha: float = 0.05) -> pd.DataFrame:
+    """Per row key, how many participants have ``q < q_alpha`` (and the fraction)."""
+    tables = list(participant_tables)
+    if not tables:
+        raise InputDataError("group: no participant label tables (zero participants)")
+    parts = []
+    for i, df in enumerate(tables):
+        missing = [c for c in [*KEYS, "q"] if c not in df.columns]
+        if missing:
+            raise InputDataError(f"group: participant table {i} lacks columns {missing}")
+        d = df[KEYS].copy()
+        d["sig"] = (df["q"].to_numpy() < q_alpha).astype(int)
+        parts.append(d)
+    allp = pd.concat(parts, ignore_index=True)
+    out = allp.groupby(KEYS, sort=False, as_index=False)["sig"].sum()
+    out = out.rename(columns={"sig": "n_participants"})
+    out["fraction"] = out["n_participants"] / len(tables)
+    return out
+
+
+def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
+                 atlases: Sequence[Atlas], null=None, *, coef_maps=None, n_null: int = 1000,
+                 z: float = 1.96, q_alpha: float = 0.05, seed: int = 0,
+                 p_method: str = "auto") -> pd.DataFrame:
+    """Group-level network labels.
+
+    Parameters
+    ----------
+    participant_tables : per-participant tables from
+        :func:`~bids_llm_encode.networks.label_atoms`.
+    group_t : (k x V) group t-map (:func:`group_ttest`).
+    r2_mean : (V,) mean held-out R2 across participants (voxels with > 0 are labelled).
+    atlases : the atlases used for the participants.
+    null : a null for the group t-map (:class:`SignFlipNull`, :class:`GroupShiftNull`, an
+        array ``(n_null x k x V)`` ...). Default: :class:`SignFlipNull` of ``coef_maps``.
+    coef_maps : the participants' (k x V) coefficient maps (for the default null).
+
+    Returns columns ``atom atlas network direction n_participants fraction dice p q`` (plus
+    ``p_perm n_null n_voxels n_network n_overlap threshold z``): ``n_participants`` /
+    ``fraction`` count participants with ``q < q_alpha`` for that row; ``dice``, ``p``, ``q``
+    label the group t-map (BH across all group rows).
+    """
+    counts = participant_counts(participant_tables, q_alpha)
+    n_part = len(participant_tables)
+    if null is None:
+        if coef_maps is None:
+            raise InputDataError("group: pass the participants' coefficient maps "
+                                 "(coef_maps) or a null for the group t-map")
+        if len(coef_maps) != n_part:
+            raise InputDataError(f"group: {len(coef_maps)} coefficient maps but {n_part} "
+                                 "participant tables")
+        null = SignFlipNull(coef_maps, n_null=n_null, seed=seed)
+    table = label_atoms(group_t, r2_mean, atlases, null, z=z, p_method=p_method)
+    out = table.merge(counts, on=KEYS, how="left")
+    out["n_participants"] = out["n_participants"].fillna(0).astype(int)
+    out["fraction"] = out["n_participants"] / n_part
+    first = [*KEYS, "n_participants", "fraction", "dice", "p", "q"]
+    rest = [c for c in out.columns if c not in first]
+    return out[first + rest]
+
+
+def reliability_mask(isc, threshold: float) -> np.ndarray:
+    """Boolean mask of voxels whose noise ceiling ``isc`` (e.g. leave-one-subject-out ISC)
+    is finite and strictly above ``threshold``."""
+    isc = np.asarray(isc, float)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(isc) & (isc > float(threshold))
+
+
+def _atoms_per_network(sig: pd.DataFrame, multi_atlas: bool) -> str:
+    parts = []
+    for (atlas, network), d in sig.groupby(["atlas", "network"], sort=True):
+        name = f"{atlas}:{network}" if multi_atlas else str(network)
+        atoms = [f"{int(a)}{'+' if r == 'activated' else '-'}"
+                 for a, r in sorted(zip(d["atom"], d["direction"], strict=True))]
+        parts.append(f"{name}[{','.join(atoms)}]")
+    return "; ".join(parts)
+
+
+def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05) -> pd.DataFrame:
+    """One row per model, on equal terms.
+
+    ``per_model[model]`` holds ``labels`` (group table from :func:`group_labels`), ``atoms``
+    (T x k), ``r2_maps`` (list of per-participant held-out R2, each V) and
+    ``reliability_mask`` (bool V). Columns: ``model n_atoms n_participants networks``
+    (networks with a group label ``q < q_alpha``, comma-separated; ``atlas:network`` when
+    several atlases), ``atoms_per_network`` (``Network[3+,5-]``: atom index and direction),
+    ``mean_r2_reliable`` (mean held-out R2 inside the reliability mask, averaged over
+    participants), ``mean_abs_atom_corr`` (mean |r| between distinct atoms),
+    ``fraction_atoms_labelled`` (atoms with at least one significant group label).
+    ``attrs["equal_k"]`` says whether every model has the same number of atoms.
+    """
+    if not per_model:
+        raise InputDataError("model comparison: no model given")
+    rows = []
+    for model, res in per_model.items():
+        for key in ("labels", "atoms", "r2_maps", "reliability_mask"):
+            if key not in res:
+                raise InputDataError(f"model comparison: model {model} lacks {key!r}")
+        labels = res["labels"]
+        atoms = np.asarray(res["atoms"], float)
+        if atoms.ndim != 2:
+            raise InputDataError(f"model comparison: atoms of {model} must be T x k")
+        k = atoms.shape[1]
+        mask = np.asarray(res["reliability_mask"], bool)
+        r2s = [np.asarray(r, float) for r in res["r2_maps"]]
+        for r in r2s:
+            if r.shape != mask.shape:
+                raise InputDataError(f"model comparison: an R2 map of {model} has shape "
+                                     f"{r.shape}, the reliability mask {mask.shape}")
+        if r2s and mask.any():
+            mean_r2 = float(np.mean([np.nanmean(r[mask]) for r in r2s]))
+        else:
+            mean_r2 = float("nan")
+        if k > 1:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                c = np.corrcoef(atoms, rowvar=False)
+            off = np.abs(c[~np.eye(k, dtype=bool)])
+            mean_corr = float(np.nanmean(off)) if np.isfinite(off).any() else float("nan")
+        else:
+            mean_corr = float("nan")
+        sig = labels[labels["q"] < q_alpha]
+        multi = labels["atlas"].nunique() > 1
+        if multi:
+            nets = sig["atlas"].astype(str) + ":" + sig["network"].astype(str)
+        else:
+            nets = sig["network"].astype(str)
+        networks = ", ".join(sorted(dict.fromkeys(nets.tolist())))
+        rows.append({
+            "model": model,
+            "n_atoms": k,
+            "n_participants": len(r2s),
+            "networks": networks,
+            "atoms_per_network": _atoms_per_network(sig, multi),
+            "mean_r2_reliable": mean_r2,
+            "mean_abs_atom_corr": mean_corr,
+            "fraction_atoms_labelled": sig["atom"].nunique() / k if k else float("nan"),
+        })
+    df = pd.DataFrame(rows)
+    df.attrs["equal_k"] = bool(df["n_atoms"].nunique() == 1)
+    return df

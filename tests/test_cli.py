@@ -1,0 +1,101 @@
+"""The command line: --help, --version, and every documented exit code on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bids_llm_encode import __version__
+from bids_llm_encode.cli.parser import build_parser
+from bids_llm_encode.cli.run import main
+
+from .conftest import add_clean_bold, requires_shared
+
+
+def test_help_explains_every_option_with_default(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for opt in ("--participant-label", "--task-label", "--model", "--work-dir", "--nprocs",
+                "--mem-mb", "--skip-bids-validation", "--version", "--units",
+                "--context-tokens", "--n-atoms", "--alpha-an", "--folds", "--fbn-atlas",
+                "--n-null", "--use-plugin", "--derivatives", "--space", "--no-exclude"):
+        assert opt in text, opt
+    assert "default: smollm2" in text and "default: 64" in text and "exit codes" in text
+    # every option with a non-None default says what it is
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, True, "==SUPPRESS=="):
+            if action.dest in ("help", "version", "verbose"):
+                continue
+            assert "default" in (action.help or ""), action.dest
+
+
+def test_version_console_script():
+    out = subprocess.run([sys.executable, "-m", "bids_llm_encode.cli.run", "--version"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"bids_llm_encode {__version__}"
+
+
+def test_both_label_spellings_parse():
+    p = build_parser()
+    a = p.parse_args(["b", "o", "participant", "--participant_label", "sub-01", "02"])
+    b = p.parse_args(["b", "o", "participant", "--participant-label", "01", "02"])
+    assert a.participant_label == ["sub-01", "02"] and b.participant_label == ["01", "02"]
+
+
+def test_unknown_level_exits_17(tmp_path, capsys):
+    assert main([str(tmp_path), str(tmp_path / "out"), "subject"]) == 17
+    assert "unknown analysis level" in capsys.readouterr().err
+
+
+def test_bad_usage_exits_64(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), str(tmp_path / "o"), "participant", "--n-atoms", "zero"])
+    assert exit_.value.code == 64
+
+
+def test_missing_bids_dir_exits_66(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out"), "participant"]) == 66
+    err = capsys.readouterr().err
+    assert "nope" in err and err.count("\n") == 1
+
+
+def test_not_bids_exits_16(tmp_path, capsys):
+    (tmp_path / "notbids").mkdir()
+    assert main([str(tmp_path / "notbids"), str(tmp_path / "out"), "participant"]) == 16
+    assert "dataset_description.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_output_inside_bids_dir_refused(tmp_path, capsys):
+    (tmp_path / "bids").mkdir()
+    code = main([str(tmp_path / "bids"), str(tmp_path / "bids" / "derivatives" / "x"),
+                 "participant"])
+    assert code == 64
+    assert "inside bids_dir" in capsys.readouterr().err
+    assert not (tmp_path / "bids" / "derivatives").exists()
+
+
+@requires_shared
+def test_unknown_participant_exits_18(narratives_copy, tmp_path, capsys):
+    add_clean_bold(narratives_copy, "020", "pieman")
+    code = main([str(narratives_copy), str(tmp_path / "out"), "participant",
+                 "--participant-label", "sub-999", "-w", str(tmp_path / "work")])
+    assert code == 18
+    assert "999" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_group_before_participant(tmp_path, capsys):
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "dataset_description.json").write_text(
+        '{"Name": "x", "BIDSVersion": "1.8.0"}')
+    (tmp_path / "out").mkdir()
+    code = main([str(tmp_path / "bids"), str(tmp_path / "out"), "group"])
+    assert code == 66
+    assert "run the 'participant' level first" in capsys.readouterr().err
