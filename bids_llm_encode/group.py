@@ -186,19 +186,28 @@ def participant_counts(participant_tables: Sequence[pd.DataFrame],
 def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
                  atlases: Sequence[Atlas], null=None, *, coef_maps=None, n_null: int = 1000,
                  z: float = 1.96, q_alpha: float = 0.05, seed: int = 0,
-                 p_method: str = "auto") -> pd.DataFrame:
+                 p_method: str = "auto", threshold_mode: str = "t") -> pd.DataFrame:
     """Group-level network labels.
 
     Parameters
     ----------
     participant_tables : per-participant tables from
         :func:`~bids_llm_encode.networks.label_atoms`.
-    group_t : (k x V) group t-map (:func:`group_ttest`).
+    group_t : (k x V) group t-map (:func:`group_ttest`); a list of the participants'
+        (k x V) coefficient maps is accepted too (the t-map and the default null are then
+        computed from them).
     r2_mean : (V,) mean held-out R2 across participants (voxels with > 0 are labelled).
     atlases : the atlases used for the participants.
     null : a null for the group t-map (:class:`SignFlipNull`, :class:`GroupShiftNull`, an
         array ``(n_null x k x V)`` ...). Default: :class:`SignFlipNull` of ``coef_maps``.
     coef_maps : the participants' (k x V) coefficient maps (for the default null).
+    threshold_mode : "t" (default): the group t-map is cut at the t value with the same
+        one-sided tail probability as ``z`` (df = P - 1; t = 2.78 for P = 5 at z = 1.96), in
+        the observed and in every null t-map alike. A per-map z-score ("zscore", the
+        participant rule) is scale-free, so sign-flipped t-maps -- which keep the group
+        pattern at a smaller amplitude unless half the participants are flipped -- would
+        look as network-like as the observed one and the test would have almost no power.
+        "absolute" cuts at +/- z itself.
 
     Returns columns ``atom atlas network direction n_participants fraction dice p q`` (plus
     ``p_perm n_null n_voxels n_network n_overlap threshold z``): ``n_participants`` /
@@ -207,6 +216,10 @@ def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
     """
     counts = participant_counts(participant_tables, q_alpha)
     n_part = len(participant_tables)
+    if isinstance(group_t, (list, tuple)) or np.ndim(group_t) == 3:
+        # the participants' coefficient maps were passed: compute the t-map here
+        coef_maps = list(group_t) if coef_maps is None else coef_maps
+        group_t, _ = group_ttest(list(group_t))
     if null is None:
         if coef_maps is None:
             raise InputDataError("group: pass the participants' coefficient maps "
@@ -215,7 +228,16 @@ def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
             raise InputDataError(f"group: {len(coef_maps)} coefficient maps but {n_part} "
                                  "participant tables")
         null = SignFlipNull(coef_maps, n_null=n_null, seed=seed)
-    table = label_atoms(group_t, r2_mean, atlases, null, z=z, p_method=p_method)
+    if threshold_mode == "t":
+        from scipy import stats
+
+        cut = float(stats.t.isf(stats.norm.sf(z), df=max(n_part - 1, 1)))
+        table = label_atoms(group_t, r2_mean, atlases, null, z=cut, p_method=p_method,
+                            threshold_mode="absolute")
+        table["z"] = z
+    else:
+        table = label_atoms(group_t, r2_mean, atlases, null, z=z, p_method=p_method,
+                            threshold_mode=threshold_mode)
     out = table.merge(counts, on=KEYS, how="left")
     out["n_participants"] = out["n_participants"].fillna(0).astype(int)
     out["fraction"] = out["n_participants"] / n_part
@@ -247,7 +269,8 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05) ->
 
     ``per_model[model]`` holds ``labels`` (group table from :func:`group_labels`), ``atoms``
     (T x k), ``r2_maps`` (list of per-participant held-out R2, each V) and
-    ``reliability_mask`` (bool V). Columns: ``model n_atoms n_participants networks``
+    ``reliability_mask`` (bool V, or None = every voxel, reported in
+    ``reliability_mask_used``). Columns: ``model n_atoms n_participants networks``
     (networks with a group label ``q < q_alpha``, comma-separated; ``atlas:network`` when
     several atlases), ``atoms_per_network`` (``Network[3+,5-]``: atom index and direction),
     ``mean_r2_reliable`` (mean held-out R2 inside the reliability mask, averaged over
@@ -267,8 +290,11 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05) ->
         if atoms.ndim != 2:
             raise InputDataError(f"model comparison: atoms of {model} must be T x k")
         k = atoms.shape[1]
-        mask = np.asarray(res["reliability_mask"], bool)
         r2s = [np.asarray(r, float) for r in res["r2_maps"]]
+        if res["reliability_mask"] is None:  # no noise ceiling: every voxel
+            mask = np.ones(r2s[0].shape if r2s else 0, bool)
+        else:
+            mask = np.asarray(res["reliability_mask"], bool)
         for r in r2s:
             if r.shape != mask.shape:
                 raise InputDataError(f"model comparison: an R2 map of {model} has shape "
@@ -298,6 +324,7 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05) ->
             "networks": networks,
             "atoms_per_network": _atoms_per_network(sig, multi),
             "mean_r2_reliable": mean_r2,
+            "reliability_mask_used": res["reliability_mask"] is not None,
             "mean_abs_atom_corr": mean_corr,
             "fraction_atoms_labelled": sig["atom"].nunique() / k if k else float("nan"),
         })
