@@ -91,72 +91,104 @@ def common_geometry(records: list[dict]):
     return Geometry("volume", mask_img=mask_img), mask_img
 
 
+SIGN_FLIP_MIN_PARTICIPANTS = 8  # 2^8 sign patterns: min p 0.004, enough for FDR over rows
+
+
 def group_summary(settings, task: str, space: str, model: str, records: list[dict]) -> dict:
     """Group t-maps, group labels, noise ceiling; writes group/ files; returns a summary."""
     from .derivatives import write_image, write_tsv
     from .encoding import noise_ceiling
-    from .group import group_labels, group_ttest
-    from .imaging import load_bold
-    from .narratives import find_scans
-    from .networks import load_atlas
+    from .group import GroupShiftNull, group_labels, group_ttest
+    from .networks import ShiftNull, load_atlas
     from .outputs import write_maps
     from .pipeline import _load_atlases
 
     out = Path(settings.output_dir) / "group"
     geom, mask_img = common_geometry(records)
-    coefs = [geom_values(geom, _stat_paths(r, "effect", "atoms")) for r in records]
-    r2s = [geom_values(geom, _stat_paths(r, "r2", "atoms"))[0] for r in records]
-    tables = [pd.read_csv(r["networks"], sep="\t") for r in records]
+    coefs = [geom.from_images(_stat_paths(r, "effect", "atoms")) for r in records]
+    r2s = [geom.from_images(_stat_paths(r, "r2", "atoms"))[0] for r in records]
+    alphas = [geom.from_images(_stat_paths(r, "alpha", None))[0] for r in records]
+    # participant tables say atom 1..k; the group functions count from 0
+    tables = []
+    for r in records:
+        t = pd.read_csv(r["networks"], sep="\t")
+        t["atom"] = t["atom"] - 1
+        tables.append(t)
     k = coefs[0].shape[0]
     t_map, _ = group_ttest(coefs)
     r2_mean = np.nanmean(np.stack(r2s), 0)
     atlases = _load_atlases(settings.fbn_atlas, settings.fbn_labels, geom, load_atlas)
-    table = group_labels(tables, coefs, r2_mean, atlases, z=settings.map_threshold,
-                         n_null=min(settings.n_null, 2 ** len(coefs)), seed=settings.seed)
+    Ys = _participant_bold(settings, task, space, records, geom)
+    atoms = _read_atoms(settings.output_dir, task, model)
+
+    null, null_kind = None, "sign-flip"
+    if len(records) < SIGN_FLIP_MIN_PARTICIPANTS and Ys is not None and atoms is not None \
+            and not settings.delays:
+        # Too few participants for sign flips: the same circular shift for everyone,
+        # refitted with each participant's own penalties (group.GroupShiftNull).
+        null = GroupShiftNull([
+            ShiftNull(Y, atoms, np.nan_to_num(a, nan=1.0), n_null=settings.n_null,
+                      seed=settings.seed) for Y, a in zip(Ys, alphas)])
+        null_kind = "group circular shift"
+    table = group_labels(tables, t_map, r2_mean, atlases, null, coef_maps=coefs,
+                         z=settings.map_threshold, n_null=settings.n_null, seed=settings.seed)
+    table["atom"] = table["atom"] + 1
     ent = {"task": task, "space": space}
-    written = []
     stem = f"task-{task}_space-{space}_model-{model}"
-    written.append(write_tsv(out / f"{stem}_networks.tsv", table))
+    written = [write_tsv(out / f"{stem}_networks.tsv", table)]
     sidecar = {"Model": model, "NumberOfParticipants": len(records),
-               "Participants": [r["sub"] for r in records], "NumberOfAtoms": k}
+               "Participants": [r["sub"] for r in records], "NumberOfAtoms": k,
+               "GroupNull": null_kind, "ThresholdZ": settings.map_threshold}
     maps = {("t", "atoms"): t_map, ("r2", "mean"): r2_mean}
 
-    # Noise ceiling: leave-one-participant-out ISC on the same story TRs.
     ceiling = None
-    subjects = sorted({r["sub"] for r in records})
-    if len(subjects) >= 2:
-        specs = find_scans(settings.bids_dir, subjects, [task],
-                           derivatives=settings.derivatives, space=space,
-                           exclude=settings.exclude,
-                           validate=not settings.skip_bids_validation)
-        from .timing import story_trs
-
-        Ys = []
-        for spec in specs:
-            start, stop = story_trs(*spec.story_window, spec.tr, spec.n_trs)
-            Y, g = load_bold(spec.bold, spec.mask, slice(start, stop))
-            Ys.append(_to_common(Y, g, geom))
-        if len({Y.shape for Y in Ys}) == 1:
-            ceiling = noise_ceiling(Ys)
+    if Ys is not None:
+        ceiling = noise_ceiling(Ys)
+        reliable = reliable_mask(ceiling["isc_per_participant"])
+        with np.errstate(invalid="ignore", divide="ignore"):
             frac = np.where(ceiling["ceiling_r2"] > 0, r2_mean / ceiling["ceiling_r2"], np.nan)
-            reliable = reliable_mask(ceiling["isc_per_participant"])
-            frac = np.where(reliable, frac, np.nan)
-            maps[("r2", "ceilingfraction")] = frac
-            written += write_maps(out, dict(ent), geom, {("isc", "ceiling"): ceiling["isc"]},
-                                  dict(sidecar, Model=None))
-            if mask_img is not None:
-                import nibabel as nib
+        maps[("r2", "ceilingfraction")] = np.where(reliable, frac, np.nan)
+        written += write_maps(out, dict(ent), geom, {("isc", "ceiling"): ceiling["isc"]},
+                              {"NumberOfParticipants": len(records)})
+        if mask_img is not None:
+            import nibabel as nib
 
-                rel = np.zeros(mask_img.shape, np.uint8)
-                rel[np.asarray(mask_img.dataobj) > 0] = reliable
-                written.append(write_image(out / f"task-{task}_space-{space}_desc-reliable_mask.nii.gz",
-                                           nib.Nifti1Image(rel, mask_img.affine)))
-        else:
-            LOGGER.warning("participants' story lengths differ; no noise ceiling for %s", task)
+            rel = np.zeros(mask_img.shape, np.uint8)
+            rel[np.asarray(mask_img.dataobj) > 0] = reliable
+            written.append(write_image(
+                out / f"task-{task}_space-{space}_desc-reliable_mask.nii.gz",
+                nib.Nifti1Image(rel, mask_img.affine)))
     written += write_maps(out, dict(ent, model=model), geom, maps, sidecar)
-    return {"model": model, "table": table, "r2_mean": r2_mean,
-            "ceiling": ceiling, "n_participants": len(records), "k": k,
-            "atoms": _read_atoms(settings.output_dir, task, model)}
+    return {"model": model, "table": table, "r2_mean": r2_mean, "ceiling": ceiling,
+            "n_participants": len(records), "k": k, "atoms": atoms}
+
+
+def _participant_bold(settings, task, space, records, geom):
+    """Each participant's story BOLD on the common voxels, or None when it cannot be had
+    (fewer than 2 participants, or stories of different lengths)."""
+    from .imaging import load_bold
+    from .narratives import find_scans
+    from .timing import story_trs
+
+    subjects = sorted({r["sub"] for r in records})
+    if len(subjects) < 2:
+        return None
+    specs = find_scans(settings.bids_dir, subjects, [task], derivatives=settings.derivatives,
+                       space=space, exclude=settings.exclude,
+                       validate=not settings.skip_bids_validation)
+    wanted = {(r["sub"], r["run"]) for r in records}
+    Ys = []
+    for spec in specs:
+        if (spec.subject, None if spec.run is None else str(spec.run)) not in wanted:
+            continue
+        start, stop = story_trs(*spec.story_window, spec.tr, spec.n_trs)
+        Y, g = load_bold(spec.bold, spec.mask, slice(start, stop))
+        Ys.append(_to_common(Y, g, geom))
+    if len(Ys) != len(records) or len({Y.shape for Y in Ys}) != 1:
+        LOGGER.warning("task %s: participants' story BOLD differ in length; no noise ceiling",
+                       task)
+        return None
+    return Ys
 
 
 def reliable_mask(isc_per_participant: np.ndarray) -> np.ndarray:
@@ -167,10 +199,6 @@ def reliable_mask(isc_per_participant: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         t, p = stats.ttest_1samp(per, 0.0, axis=0, alternative="greater", nan_policy="omit")
     return np.nan_to_num(np.asarray(p), nan=1.0) < 0.05
-
-
-def geom_values(geom, paths) -> np.ndarray:
-    return geom.from_images(paths)
 
 
 def _to_common(Y, g, geom):

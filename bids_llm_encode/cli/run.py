@@ -80,11 +80,11 @@ def settings_from_args(args) -> Settings:
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    logging.getLogger("nipype.workflow").setLevel(logging.WARNING if verbose < 2 else logging.INFO)
-    logging.getLogger("nipype.interface").setLevel(logging.WARNING)
+    logging.getLogger("bids_llm_encode").setLevel(logging.INFO if verbose < 2 else logging.DEBUG)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).propagate = False  # nipype prints through its own handler
 
 
 def run(settings: Settings) -> int:

@@ -174,6 +174,12 @@ def execute(wf: pe.Workflow, settings: Settings) -> None:
     ncfg.set("execution", "remove_unnecessary_outputs", "false")
     ncfg.set("execution", "stop_on_first_crash", "false")
     ncfg.set("monitoring", "enabled", "false")
+    # nipype resets its loggers from its config when a workflow runs: keep them quiet
+    # unless -vv; -v shows each node as it finishes.
+    level = {0: "WARNING", 1: "INFO"}.get(settings.verbose, "DEBUG")
+    ncfg.set("logging", "workflow_level", level)
+    ncfg.set("logging", "interface_level", "WARNING" if settings.verbose < 2 else "INFO")
+    ncfg.set("logging", "utils_level", "WARNING")
     plugin = plugin_settings(settings)
     try:
         return wf.run(**plugin)
