@@ -1176,7 +1176,7 @@ def permutation_pvalues(observed, null, method: str = "auto", min_exceed: int = 
 
 def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96, *,
                 threshold: float | None = None, p_method: str = "auto",
-                cache_bytes: int = 2**30, threshold_mode: str = "zscore") -> pd.DataFrame:
+                cache_bytes: int = 2**30, threshold_mode: str = "nullz") -> pd.DataFrame:
     """Label each atom's activated/deactivated map with every network of every atlas.
 
     Parameters
@@ -1190,8 +1190,14 @@ def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96
         exactly like the observed one.
     z (or threshold) : z-score threshold (default 1.96).
     p_method : "auto" (default), "gpd" or "empirical"; see :func:`permutation_pvalues`.
-    threshold_mode : "zscore" (default; per-map standardisation) or "absolute" (the maps are
-        statistics, cut at +/- z as they are); see :func:`threshold_map`.
+    threshold_mode : "nullz" (default): every voxel's coefficient is standardised by that
+        voxel's own null distribution (mean and sd over the null maps), and the observed and
+        every null map are cut at +/- z of it; p comes from the null overlap counts
+        (:func:`count_pvalues`). Voxels whose time courses are smoother carry larger
+        spurious coefficients; without this they would fill every null map and make overlap
+        with any other network look significant. "zscore" (per-map standardisation) and
+        "absolute" (cut at +/- z as they are) use the Dice permutation p; see
+        :func:`threshold_map`.
 
     Returns a DataFrame with one row per atom x direction x atlas x network, columns
     ``atom atlas network direction dice p q n_voxels`` (``n_voxels``: size of the thresholded
@@ -1212,6 +1218,8 @@ def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96
     onehot, rows = network_table(atlases)
     sizes = onehot.sum(0).astype(float)
     k = coefs.shape[0]
+    if threshold_mode == "nullz":
+        return _label_atoms_nullz(coefs, r2, onehot, rows, sizes, null_coefs, z, cache_bytes)
     obs = threshold_map(coefs, r2, z, mode=threshold_mode)
     obs_masks = np.stack([obs.activated, obs.deactivated], 0)  # (2, k, V)
     size_obs = obs_masks.sum(-1).astype(float)  # (2, k)
@@ -1236,3 +1244,100 @@ def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96
         "n_network", "n_overlap", "threshold", "z"])
     df.insert(6, "q", fdr_bh(df["p"].to_numpy()))
     return df
+
+
+def _null_pass(factory, valid):
+    """Yield (slice, null block (n x k x Vb) float32, valid block (n or 1 x Vb))."""
+    for sl, block, r2b in factory():
+        block = np.asarray(block, np.float32)
+        vb = _valid_r2(r2b) if r2b is not None else valid[sl][None, :]
+        yield sl, block, vb
+
+
+def _label_atoms_nullz(coefs, r2, onehot, rows, sizes, null, z, cache_bytes) -> pd.DataFrame:
+    """label_atoms with maps standardised per voxel by the null (see its docstring)."""
+    k, V = coefs.shape
+    valid = _valid_r2(r2) & np.isfinite(coefs).all(0)
+    factory = _null_blocks(null, coefs, r2)
+    s1 = np.zeros((k, V))
+    s2 = np.zeros((k, V))
+    n_null = None
+    cache, cached = [], 0
+    for sl, block, vb in _null_pass(factory, valid):
+        n_null = block.shape[0]
+        b = np.nan_to_num(block.astype(np.float64))
+        s1[:, sl] += b.sum(0)
+        s2[:, sl] += (b * b).sum(0)
+        if cache is not None:
+            cached += block.nbytes
+            cache = cache + [(sl, block, vb)] if cached <= cache_bytes else None
+    if n_null is None:
+        raise InputDataError("the null produced no maps")
+    mu = s1 / n_null
+    sd = np.sqrt(np.maximum(s2 / n_null - mu * mu, 0.0))
+    ok = valid[None, :] & (sd > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        zc = np.where(ok, (coefs - mu) / np.where(sd > 0, sd, 1.0), 0.0)
+    obs_masks = np.stack([ok & (zc >= z), ok & (zc <= -z)], 0)  # (2, k, V)
+    size_obs = obs_masks.sum(-1).astype(float)
+    inter_obs = (obs_masks.reshape(2 * k, -1).astype(np.float32) @ onehot).reshape(2, k, -1)
+    M = onehot.shape[1]
+    size_null = np.zeros((n_null, 2, k))
+    inter_null = np.zeros((n_null, 2, k, M))
+    for sl, block, vb in (cache if cache is not None else _null_pass(factory, valid)):
+        sdb = np.where(sd[:, sl] > 0, sd[:, sl], 1.0)
+        zb = (block - mu[None, :, sl]) / sdb[None]
+        w = ok[None, :, sl] & vb[:, None, :] & np.isfinite(zb)
+        nets = onehot[sl]
+        for d, m in enumerate((zb >= z, zb <= -z)):
+            m = m & w
+            size_null[:, d] += m.sum(-1)
+            inter_null[:, d] += (m.reshape(n_null * k, -1).astype(np.float32) @ nets
+                                 ).reshape(n_null, k, M)
+    den = size_obs[..., None] + sizes[None, None, :]
+    dice_obs = np.where(den > 0, 2.0 * inter_obs / np.maximum(den, 1), 0.0)
+    p, p_perm = count_pvalues(inter_obs, inter_null)
+    records = []
+    for j in range(k):
+        for d, direction in enumerate(DIRECTIONS):
+            for m, (aname, nname) in enumerate(rows):
+                records.append((j, aname, nname, direction, dice_obs[d, j, m], p[d, j, m],
+                                int(size_obs[d, j]), p_perm[d, j, m], n_null, int(sizes[m]),
+                                int(inter_obs[d, j, m]), float(z), z))
+    df = pd.DataFrame.from_records(records, columns=[
+        "atom", "atlas", "network", "direction", "dice", "p", "n_voxels", "p_perm", "n_null",
+        "n_network", "n_overlap", "threshold", "z"])
+    df.insert(6, "q", fdr_bh(df["p"].to_numpy()))
+    return df
+
+
+def count_pvalues(observed, null, min_exceed: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """p of observed overlap counts (shape S) against null counts (n_null x S).
+
+    ``p_perm = (1 + #null >= obs) / (1 + n)``. Where fewer than ``min_exceed`` null counts
+    reach the observed one, the permutation p cannot resolve small values (FDR over
+    thousands of rows needs them), so p comes from a negative binomial with the null's
+    mean and variance (overdispersion = the spatial autocorrelation the null kept; Poisson
+    when the null is not overdispersed). A null that never overlaps keeps p_perm.
+    Zero observed overlap gives p = 1.
+    """
+    from scipy import stats
+
+    obs = np.asarray(observed, float)
+    null = np.asarray(null, float)
+    n = null.shape[0]
+    exceed = (null >= obs[None] - 1e-9).sum(0)
+    p_perm = (1.0 + exceed) / (1.0 + n)
+    mean = null.mean(0)
+    var = null.var(0, ddof=1) if n > 1 else np.zeros_like(mean)
+    p = p_perm.copy()
+    tail = (exceed < min_exceed) & (mean > 0) & (obs > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        over = tail & (var > mean)
+        r = mean ** 2 / np.maximum(var - mean, 1e-12)
+        q_nb = r / (r + mean)
+        p_nb = stats.nbinom.sf(obs - 1, r, q_nb)
+        p_pois = stats.poisson.sf(obs - 1, mean)
+    p = np.where(over, p_nb, np.where(tail, p_pois, p))
+    p = np.where(obs > 0, p, 1.0)
+    return np.clip(p, 1e-300, 1.0), p_perm
