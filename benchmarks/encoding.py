@@ -22,22 +22,32 @@ Each method runs in its own subprocess; wall time excludes data generation; peak
 the subprocess's peak RSS minus its RSS after the data were made (numpy backend, CPU).
 Scores are checked against himalaya's (max |delta R2| over voxels).
 
-Recorded figures (this machine: 2 shared CPU cores, numpy backend, no GPU; 2026-11):
+Recorded figures (this machine: 2 CPU cores shared with other jobs, numpy backend, no GPU;
+``python benchmarks/encoding.py --threads 1``, full size, load average ~5):
 
-  full size, 300 TRs x 100,000 voxels, 5 outer x 3 inner folds, 10 alphas
-  config  features  method     wall_s  peak_MB  max|dR2| vs himalaya
-  hrf     64        ours       RESULTS_PENDING
-  hrf     64        himalaya
-  hrf     64        sklearn
-  fir     256       ours
-  fir     256       himalaya
-  fir     256       sklearn
+  300 TRs x 100,000 voxels, 5 outer x 3 inner folds, 10 alphas
+  config  features  method    wall_s  peak RSS MB (+ over data)  max|dR2| vs himalaya
+  hrf     64        ours        18.0     652 (+349)                3.4e-07  (ratio 0.73)
+  hrf     64        himalaya    24.6     741 (+437)                -
+  hrf     64        sklearn     62.3    2013 (+1710)               1.08     (GCV, reference)
+  fir     256       ours        27.5     680 (+373)                3.0e-07  (ratio 0.65)
+  fir     256       himalaya    42.4     712 (+404)                -
+  fir     256       sklearn    126.3    2555 (+2248)               0.91     (GCV, reference)
+
+  Coefficients (all-TR refit) equal himalaya's to <= 1.5e-07. With the default 2 BLAS
+  threads on the same, then overloaded (load ~11), cores: hrf ours 73 s vs himalaya 101 s,
+  fir 105 s vs 133 s: threaded OpenBLAS loses badly to busy cores here (a 150 x 256 SVD
+  takes 0.2-0.7 s with 2 threads vs 4 ms with 1), so pin threads on shared machines.
+  sklearn's per-voxel GCV picks alphas by leave-one-TR-out, which ignores temporal
+  autocorrelation: it is reported for speed only, its scores are not comparable.
 
 Why ours is faster than calling RidgeCV: both run himalaya's CV search (one SVD per fold,
 all alphas in one batched matmul per inner fold); RidgeCV then refits every voxel for every
 alpha that any voxel chose (n_alphas x (n_features x n_train x V) flops) and predicts; we
 only need held-out predictions, so voxels are grouped by chosen alpha and each group is
-predicted with one (n_test x n_train) resolution matrix.
+predicted with one (n_test x n_train) resolution matrix. We also hand the solver an in-place
+mean-squared-error score (same values as himalaya's l2_neg_loss, two passes over the
+predictions instead of about five), and z-score with one pass for the variance.
 """
 
 from __future__ import annotations
@@ -151,6 +161,12 @@ METHODS = {"ours": run_ours, "himalaya": run_himalaya, "sklearn": run_sklearn}
 
 
 def child(method: str, config: str, n_vox: int, out: str) -> None:
+    import himalaya.kernel_ridge  # noqa: F401  (imports are not part of the timing)
+    import himalaya.ridge  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+
+    import bids_llm_encode.encoding  # noqa: F401
+
     X, Y = make_data(n_vox, config)
     base = rss_mb()
     t0 = time.perf_counter()
@@ -169,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--voxels", type=int, default=None)
     p.add_argument("--configs", default="hrf,fir")
     p.add_argument("--methods", default="ours,himalaya,sklearn")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS/OpenMP threads for every method (default: library default)")
     p.add_argument("--child", nargs=4, metavar=("METHOD", "CONFIG", "NVOX", "OUT"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -177,7 +195,12 @@ def main(argv=None) -> int:
         child(m, c, int(n), o)
         return 0
     n_vox = args.voxels or (20000 if args.quick else 100000)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
+    env = dict(os.environ)
+    if args.threads:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(args.threads)
+    print(f"T={T} TRs, {n_vox} voxels, {N_FOLDS} outer x {INNER} inner folds, "
+          f"{len(ALPHAS)} alphas, threads={args.threads or 'default'}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs.split(","):

@@ -65,7 +65,8 @@ def test_planted_r2_near_snr_ratio(planted_fit):
     assert isinstance(res, EncodingResult)
     folds = contiguous_folds(np.arange(T), 5, gap_in_trs(10.0, TR))
     n_train = np.mean([len(tr) for tr, _ in folds])
-    for sl, N, snr in [(slice(0, 60), planted_fit["N1"], 1.0), (slice(60, 120), planted_fit["N2"], 0.25)]:
+    groups = [(slice(0, 60), planted_fit["N1"], 1.0), (slice(60, 120), planted_fit["N2"], 0.25)]
+    for sl, N, snr in groups:
         got = float(np.mean(res.r2[sl]))
         # What a perfect model would score on the same test blocks: below snr/(1+snr)
         # because a 60-TR block of a smooth signal holds less than its global variance.
@@ -139,7 +140,7 @@ def test_gap_between_train_and_test():
         assert len(fold["test"]) == 1  # one contiguous test block
         dist = np.abs(train[:, None] - test[None]).min()
         assert dist * tr > gap_s
-        assert len(train) + len(test) + 2 * 7 >= 250 - 0  # only the gap is dropped
+        assert len(train) + len(test) + 2 * 7 >= 250  # only the gap is dropped
         covered.append(test)
         # inner folds: the same gap, measured in scan time across the outer hole
         for itrain, itest in contiguous_folds(train, 3, 7):
@@ -234,7 +235,8 @@ def test_layer_baseline_pca_inside_training_folds(monkeypatch):
     rng = np.random.default_rng(5)
     # each layer: 40 units mixing 4 latent time courses (+ unit noise), so a few PCs carry it
     latents = [smooth_timecourses(rng, T, 4) for _ in range(3)]
-    layers = [z @ rng.standard_normal((4, 40)) + 0.3 * rng.standard_normal((T, 40)) for z in latents]
+    layers = [z @ rng.standard_normal((4, 40)) + 0.3 * rng.standard_normal((T, 40))
+              for z in latents]
     S = latents[1] @ rng.standard_normal((4, 50))
     Y = (S / S.std(0) + rng.standard_normal((T, 50))).astype(np.float32)
 
