@@ -125,6 +125,7 @@ class LayerBaselineResult:
     score is slightly optimistic). ``best_layer_per_voxel`` / ``r2_best_per_voxel``: argmax /
     max over layers of each voxel's held-out R2, for maps only: a max over layers of noisy
     held-out scores is biased upwards, compare models with ``layers[best_layer].r2``.
+    ``r2``, ``r``, ``alphas``, ``fold_r2``, ``coefs`` (and ``best``) are the best layer's.
     """
 
     layers: list[EncodingResult]
@@ -134,6 +135,31 @@ class LayerBaselineResult:
     best_layer_per_voxel: np.ndarray
     r2_best_per_voxel: np.ndarray
     meta: dict = field(default_factory=dict)
+
+    # The baseline as one model: the best layer's result (same fields as EncodingResult).
+    @property
+    def best(self) -> EncodingResult:
+        return self.layers[self.best_layer]
+
+    @property
+    def r2(self) -> np.ndarray:
+        return self.best.r2
+
+    @property
+    def r(self) -> np.ndarray:
+        return self.best.r
+
+    @property
+    def alphas(self) -> np.ndarray:
+        return self.best.alphas
+
+    @property
+    def fold_r2(self) -> np.ndarray:
+        return self.best.fold_r2
+
+    @property
+    def coefs(self) -> np.ndarray:
+        return self.best.coefs
 
 
 # --------------------------------------------------------------------------------------

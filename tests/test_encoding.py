@@ -253,6 +253,8 @@ def test_layer_baseline_pca_inside_training_folds(monkeypatch):
     assert out.layers[1].coefs.shape == (8, 50)
     assert np.mean(out.layers[1].r2) > np.mean(out.layers[0].r2) + 0.1
     assert out.best_layer_per_voxel.shape == (50,)
+    np.testing.assert_array_equal(out.r2, out.layers[1].r2)  # the best layer's fields
+    assert out.fold_r2.shape == (5, 50) and out.alphas.shape == out.r.shape == (50,)
     # 5 outer training sets + all TRs, per layer; each is exactly the z-scored training rows
     assert len(calls) == 3 * 6
     folds = out.layers[0].meta["folds"]
