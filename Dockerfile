@@ -76,6 +76,7 @@ ENV OMP_NUM_THREADS=1 \
     HF_HOME=/opt/cache/huggingface \
     TEMPLATEFLOW_HOME=/opt/cache/templateflow \
     TEMPLATEFLOW_AUTOUPDATE=0 \
+    NIPYPE_NO_ET=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
     PYTHONUNBUFFERED=1 \
     LANG=C.UTF-8 \

@@ -11,15 +11,19 @@
 #   3. `podman build --isolation=chroot --storage-driver=vfs --pull=never --format docker`
 #      (Docker image format, so SHELL applies as with docker build), with this
 #      machine's CA bundle mounted for pip (PIP_CERT build arg; never copied into the image);
-#   4. `buildah run --network none` in the image: the ENTRYPOINT's `--version` (must equal
-#      bids_llm_encode.__version__), a check that the network really is off,
+#   4. `buildah run --isolation chroot` in the image, network off (chroot isolation refuses
+#      `--network none`, so the run goes into an empty network namespace of its own with
+#      `unshare --net`, which is what --network none does): the ENTRYPOINT's `--version`
+#      (must equal bids_llm_encode.__version__), a check that the network really is off,
 #      `bids_llm_encode_simulate` (2 participants, 8 mm), then `participant` and `group`
 #      on it, and checks on the outputs.
 #
 # Needs: podman, buildah, debootstrap (apt-get install -y podman buildah debootstrap).
 # Environment: SMOKE_DIR (default /tmp/bids_llm_encode_smoke: wheelhouse, rootfs, data),
 # SMOKE_ARGS (extra options for both levels), IMAGE (default
-# bidsllmencode/bids_llm_encode:<version>), KEEP=1 keeps the working container.
+# bidsllmencode/bids_llm_encode:<version>), KEEP=1 keeps the working container,
+# SMOKE_LAYERS=1 keeps every layer for a faster rebuild (the default squashes the new layers
+# into one: with the vfs driver each layer is a full copy of the file system, ~2 GB each).
 # Exit: 0 all steps passed; 1 a step failed (named); 2 a tool is missing.
 set -euo pipefail
 
@@ -106,9 +110,11 @@ if [ -f "$CA_BUNDLE" ]; then
   mounts+=(-v "${CA_BUNDLE}:/host-ca.crt:ro")
   build_args+=(--build-arg "PIP_CERT=/host-ca.crt")
 fi
-"${PODMAN[@]}" build --isolation=chroot --pull=never --layers --format docker \
+if [ "${SMOKE_LAYERS:-0}" = 1 ]; then layering=(--layers); else layering=(--layers=false --squash); fi
+"${PODMAN[@]}" build --isolation=chroot --pull=never --format docker "${layering[@]}" \
   "${mounts[@]}" "${build_args[@]}" -t "$IMAGE" -f Dockerfile . \
   2>&1 | tee "$SMOKE_DIR/build.log" || fail "podman build (log: $SMOKE_DIR/build.log)"
+"${PODMAN[@]}" image prune -f >/dev/null || true    # an older build of the same tag
 "${PODMAN[@]}" images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -F "${IMAGE#*/}" || true
 done_step
 
@@ -123,23 +129,26 @@ cleanup() { [ "${KEEP:-0}" = 1 ] || "${BUILDAH[@]}" rm "$ctr" >/dev/null 2>&1 ||
 trap cleanup EXIT
 # Progress bars (\r-separated) would flood the log: keep the other lines.
 quiet_progress() { tr '\r' '\n' | grep --line-buffered -v -E 'it/s\]|s/it\]|tok/s\]|^ *$' || true; }
-crun() {
-  "${BUILDAH[@]}" run --isolation chroot --network none -v "${data}:/data" "$ctr" -- "$@"
+crun() {   # network none: a new, empty network namespace (only a loopback, down)
+  unshare --net "${BUILDAH[@]}" run --isolation chroot -v "${data}:/data" "$ctr" -- "$@"
 }
 
 step "inside: ${entrypoint} --version"
 got="$(crun "$entrypoint" --version)"
 echo "$got"
 [ "$got" = "bids_llm_encode ${VERSION}" ] || fail "--version printed '$got', expected 'bids_llm_encode ${VERSION}'"
-crun sh -c 'echo "user $(id -u):$(id -g), cwd $(pwd), OMP_NUM_THREADS=$OMP_NUM_THREADS HF_HUB_OFFLINE=$HF_HUB_OFFLINE TEMPLATEFLOW_HOME=$TEMPLATEFLOW_HOME"'
+crun sh -c 'echo "user $(id -u):$(id -g), cwd $(pwd)"; env | sort | grep -E "^(OMP_|HF_|TRANSFORMERS_|TEMPLATEFLOW_|NIPYPE_|BIDS_LLM_ENCODE_)"'
 [ "$(crun id -u)" != 0 ] || fail "the image runs as root"
 done_step
 
 step "inside: the network is off"
+ifaces="$(crun /opt/venv/bin/python -c "import socket; print(' '.join(n for _, n in socket.if_nameindex()))")"
+echo "network interfaces inside: ${ifaces}"
+[ "$ifaces" = lo ] || fail "network interfaces other than lo inside: ${ifaces}"
 if crun /opt/venv/bin/python -c "import socket; socket.create_connection(('pypi.org', 443), 5)" 2>/dev/null; then
-  fail "a connection to pypi.org succeeded with --network none"
+  fail "a connection to pypi.org succeeded with the network off"
 fi
-echo "no connection (as wanted)"
+echo "no connection to pypi.org (as wanted)"
 done_step
 
 step "inside: bids_llm_encode_simulate /data/bids --participants 2 --resolution 8"

@@ -324,7 +324,7 @@ def test_smoke_script_shape():
     res = subprocess.run(["bash", "-n", str(SMOKE)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     for needed in ("--isolation=chroot", "--storage-driver vfs", "--pull=never",
-                   "--network none", "PIP_CERT=", "debootstrap", "podman", "import",
+                   "unshare --net", "PIP_CERT=", "debootstrap", "podman", "import",
                    " participant ", " group ", "--version", "bids_llm_encode_simulate"):
         assert needed in text, needed
 
