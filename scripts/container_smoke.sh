@@ -22,8 +22,8 @@
 # Environment: SMOKE_DIR (default /tmp/bids_llm_encode_smoke: wheelhouse, rootfs, data),
 # SMOKE_ARGS (extra options for both levels), IMAGE (default
 # bidsllmencode/bids_llm_encode:<version>), KEEP=1 keeps the working container,
-# SMOKE_LAYERS=1 keeps every layer for a faster rebuild (the default squashes the new layers
-# into one: with the vfs driver each layer is a full copy of the file system, ~2 GB each).
+# SMOKE_LAYERS=1 keeps every layer for a faster rebuild (by default the build commits once:
+# one new layer, since with the vfs driver each layer is a full copy, ~2 GB here).
 # Exit: 0 all steps passed; 1 a step failed (named); 2 a tool is missing.
 set -euo pipefail
 
@@ -110,7 +110,7 @@ if [ -f "$CA_BUNDLE" ]; then
   mounts+=(-v "${CA_BUNDLE}:/host-ca.crt:ro")
   build_args+=(--build-arg "PIP_CERT=/host-ca.crt")
 fi
-if [ "${SMOKE_LAYERS:-0}" = 1 ]; then layering=(--layers); else layering=(--layers=false --squash); fi
+if [ "${SMOKE_LAYERS:-0}" = 1 ]; then layering=(--layers); else layering=(--layers=false); fi
 "${PODMAN[@]}" build --isolation=chroot --pull=never --format docker "${layering[@]}" \
   "${mounts[@]}" "${build_args[@]}" -t "$IMAGE" -f Dockerfile . \
   2>&1 | tee "$SMOKE_DIR/build.log" || fail "podman build (log: $SMOKE_DIR/build.log)"
