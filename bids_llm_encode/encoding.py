@@ -78,9 +78,9 @@ MIN_TRAIN_TRS = 10
 DEFAULT_ALPHAS = np.logspace(-2, 6, 17)
 #: Inner folds: 3 contiguous folds, as Kumar et al. 2024 (nested 3x3) on Narratives.
 DEFAULT_INNER_FOLDS = 3
-#: Band weightings tried by the banded-ridge random search (Dirichlet samples; the first
-#: one is the equal weighting). Two or three bands need few samples.
-DEFAULT_N_ITER = 20
+#: Band weightings tried by the banded-ridge search: with two bands (atoms, nuisance) a
+#: log-spaced grid of their ratio, equal weighting first; with more, Dirichlet samples.
+DEFAULT_N_ITER = 7
 #: Voxels per batch inside himalaya's solvers (memory: n_alphas x n_test x batch floats).
 DEFAULT_TARGETS_BATCH = 20000
 
@@ -323,6 +323,13 @@ def _gammas(n_bands: int, n_iter: int, random_state) -> np.ndarray:
     """Band weightings tried by the search (himalaya's Dirichlet samples, first = equal)."""
     if n_bands == 1:
         return np.ones((1, 1), dtype=np.float32)
+    if n_bands == 2:
+        # One free ratio: a log-spaced grid of the atoms' share covers it with few fits
+        # (the alpha grid sets the overall scale); equal weighting first.
+        ratios = np.logspace(-1.5, 1.5, max(n_iter, 3) | 1)  # odd count: 1.0 in the middle
+        ratios = ratios[np.argsort(np.abs(np.log(ratios)), kind="stable")]
+        w = ratios / (1.0 + ratios)
+        return np.column_stack([w, 1.0 - w]).astype(np.float32)
     from himalaya.kernel_ridge import generate_dirichlet_samples
 
     g = generate_dirichlet_samples(

@@ -186,7 +186,7 @@ def participant_counts(participant_tables: Sequence[pd.DataFrame],
 def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
                  atlases: Sequence[Atlas], null=None, *, coef_maps=None, n_null: int = 1000,
                  z: float = 1.96, q_alpha: float = 0.05, seed: int = 0,
-                 p_method: str = "auto", threshold_mode: str = "nullz") -> pd.DataFrame:
+                 p_method: str = "auto", threshold_mode: str | None = None) -> pd.DataFrame:
     """Group-level network labels.
 
     Parameters
@@ -228,6 +228,11 @@ def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
             raise InputDataError(f"group: {len(coef_maps)} coefficient maps but {n_part} "
                                  "participant tables")
         null = SignFlipNull(coef_maps, n_null=n_null, seed=seed)
+    if threshold_mode is None:
+        # Sign flips keep the group pattern at a smaller amplitude in most flips, so a
+        # per-voxel null scale would absorb the effect: cut at a fixed t ("t"). Shift nulls
+        # refit unrelated alignments: standardise each voxel by its null ("nullz").
+        threshold_mode = "t" if isinstance(null, SignFlipNull) else "nullz"
     if threshold_mode == "nullz":
         # the group t of each voxel is standardised by its own null t's (see label_atoms)
         table = label_atoms(group_t, r2_mean, atlases, null, z=z, threshold_mode="nullz")

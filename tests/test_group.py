@@ -118,7 +118,8 @@ def test_group_labels_planted_four_participants(planted_group):
     # the default sign-flip null with 4 participants: exact but p >= 1/16, so no label
     flip = group_labels(g["tables"], t, g["r2"], [g["atlas"]], coef_maps=g["coefs"])
     assert flip.p.min() >= 1 / 16 - 1e-12 and (flip.q >= 0.05).all()
-    np.testing.assert_allclose(flip.dice, table.dice)
+    # (the two tables threshold differently: fixed t for sign flips, per-voxel null scale
+    # for shift nulls, so their Dice differ)
     # passing the participants' maps instead of a t-map computes the t-map
     same = group_labels(g["tables"], g["coefs"], g["r2"], [g["atlas"]])
     np.testing.assert_allclose(same.dice, flip.dice)

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pandas as pd
+from .base import ThreadedInputSpec, thread_budget
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
     SimpleInterface,
     TraitedSpec,
@@ -14,7 +14,7 @@ from nipype.interfaces.base import (
 )
 
 
-class _DictInputSpec(BaseInterfaceInputSpec):
+class _DictInputSpec(ThreadedInputSpec):
     responses = File(exists=True, mandatory=True)
     units = File(exists=True, mandatory=True)
     n_atoms = traits.Either(traits.Int, traits.Str, default=64, usedefault=True)
@@ -37,6 +37,10 @@ class LearnDictionary(SimpleInterface):
     output_spec = _DictOutputSpec
 
     def _run_interface(self, runtime):
+        with thread_budget(self.inputs.num_threads):
+            return self._run(runtime)
+
+    def _run(self, runtime):
         import scipy.sparse as sp
 
         from ..dictionary import learn_dictionary, subgroup_table

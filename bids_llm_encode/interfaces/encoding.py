@@ -4,8 +4,8 @@ import json
 import os
 
 import numpy as np
+from .base import ThreadedInputSpec, thread_budget
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
     InputMultiObject,
     SimpleInterface,
@@ -14,7 +14,7 @@ from nipype.interfaces.base import (
 )
 
 
-class _EncodeInputSpec(BaseInterfaceInputSpec):
+class _EncodeInputSpec(ThreadedInputSpec):
     bold = InputMultiObject(File(exists=True), mandatory=True, desc="NIfTI, or L+R GIFTI")
     mask = traits.Either(None, File(exists=True), default=None, usedefault=True)
     atoms = File(exists=True, mandatory=True)
@@ -46,6 +46,10 @@ class FitEncoding(SimpleInterface):
     output_spec = _EncodeOutputSpec
 
     def _run_interface(self, runtime):
+        with thread_budget(self.inputs.num_threads):
+            return self._run(runtime)
+
+    def _run(self, runtime):
         from ..pipeline import fit_atom_encoding
 
         inp = self.inputs

@@ -4,8 +4,8 @@ import json
 import os
 
 import numpy as np
+from .base import ThreadedInputSpec, thread_budget
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
     SimpleInterface,
     TraitedSpec,
@@ -13,7 +13,7 @@ from nipype.interfaces.base import (
 )
 
 
-class _ExtractInputSpec(BaseInterfaceInputSpec):
+class _ExtractInputSpec(ThreadedInputSpec):
     alignment = File(exists=True, mandatory=True, desc="Gentle align.json/align.csv")
     audio_onset = traits.Float(mandatory=True, desc="scan time (s) at which the audio starts")
     tr = traits.Float(mandatory=True)
@@ -43,6 +43,10 @@ class ExtractResponses(SimpleInterface):
     output_spec = _ExtractOutputSpec
 
     def _run_interface(self, runtime):
+        with thread_budget(self.inputs.num_threads):
+            return self._run(runtime)
+
+    def _run(self, runtime):
         from ..extraction import extract_responses
         from ..narratives import read_gentle, words_in_scan_time
 

@@ -3,8 +3,8 @@
 import json
 import os
 
+from .base import ThreadedInputSpec, thread_budget
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
     InputMultiObject,
     SimpleInterface,
@@ -13,7 +13,7 @@ from nipype.interfaces.base import (
 )
 
 
-class _LabelInputSpec(BaseInterfaceInputSpec):
+class _LabelInputSpec(ThreadedInputSpec):
     bold = InputMultiObject(File(exists=True), mandatory=True)
     mask = traits.Either(None, File(exists=True), default=None, usedefault=True)
     atoms = File(exists=True, mandatory=True)
@@ -41,6 +41,10 @@ class LabelNetworks(SimpleInterface):
     output_spec = _LabelOutputSpec
 
     def _run_interface(self, runtime):
+        with thread_budget(self.inputs.num_threads):
+            return self._run(runtime)
+
+    def _run(self, runtime):
         from ..pipeline import label_participant
 
         inp = self.inputs

@@ -34,6 +34,8 @@ def _safe(text: str) -> str:
 
 
 def _node(interface, name, mem_gb, n_procs=1, crash_dir=None):
+    if "num_threads" in interface.inputs.trait_names():
+        interface.inputs.num_threads = n_procs
     node = pe.Node(interface, name=name, mem_gb=mem_gb, n_procs=n_procs)
     if crash_dir is not None:
         node.config = {"execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt"}}
