@@ -153,7 +153,7 @@ def _simulate_into(
     task: str = "pieman",
     n_participants: int = 3,
     planted: list[str] | tuple[str, ...] = DEFAULT_PLANTED,
-    snr: float = 0.5,
+    snr: float = 1.0,
     seed: int = 0,
     alignment: str | Path | None = None,
     model: str = "smollm2",

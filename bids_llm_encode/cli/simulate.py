@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list NETWORK:+|- of Seitzman 2018 networks that carry a signal, with its "
         "sign (default: %(default)s)",
     )
-    p.add_argument("--snr", type=float, default=0.5,
+    p.add_argument("--snr", type=float, default=1.0,
                    help="signal-to-noise variance ratio in planted voxels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument(

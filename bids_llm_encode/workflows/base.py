@@ -161,14 +161,17 @@ def plugin_settings(settings: Settings) -> dict:
         if "plugin" not in data:
             raise AppError(f"--use-plugin {settings.use_plugin}: needs a 'plugin:' entry")
         return {"plugin": data["plugin"], "plugin_args": data.get("plugin_args", {}) or {}}
-    args = {"n_procs": settings.nprocs or os.cpu_count() or 1, "raise_insufficient": False}
+    # forkserver, not fork: a parent that already ran torch (threads, OpenMP) deadlocks
+    # its forked workers as soon as they use torch.
+    args = {"n_procs": settings.nprocs or os.cpu_count() or 1, "raise_insufficient": False,
+            "mp_context": "forkserver"}
     if settings.mem_mb:
         args["memory_gb"] = settings.mem_mb / 1024
     return {"plugin": "MultiProc", "plugin_args": args}
 
 
-def execute(wf: pe.Workflow, settings: Settings) -> None:
-    """Run the graph; on failure raise AppError naming the failing nodes and crash files."""
+def configure_nipype(settings: Settings) -> None:
+    """nipype's global config, set before any graph is built (node hashes depend on it)."""
     from nipype import config as ncfg
 
     ncfg.set("execution", "crashfile_format", "txt")
@@ -182,6 +185,10 @@ def execute(wf: pe.Workflow, settings: Settings) -> None:
     ncfg.set("logging", "workflow_level", level)
     ncfg.set("logging", "interface_level", "WARNING" if settings.verbose < 2 else "INFO")
     ncfg.set("logging", "utils_level", "WARNING")
+
+
+def execute(wf: pe.Workflow, settings: Settings) -> None:
+    """Run the graph; on failure raise AppError naming the failing nodes and crash files."""
     plugin = plugin_settings(settings)
     try:
         return wf.run(**plugin)
@@ -206,6 +213,7 @@ def run_participant(settings: Settings) -> None:
         validate=not settings.skip_bids_validation,
     )
     init_derivatives(settings.output_dir, settings.bids_dir)
+    configure_nipype(settings)
     for sub in sorted({s.subject for s in specs}):
         settings.save(Path(settings.output_dir) / "log" / f"config-participant-sub-{sub}.json")
     wf = init_bids_llm_encode_wf(settings, specs)
