@@ -151,3 +151,35 @@ def test_word_table_columns_from_json(tmp_path):
     assert words["onset"].tolist() == pytest.approx([4.0, 4.5, 5.0])
     assert words["aligned"].tolist() == [True, False, True]
     assert isinstance(words, pd.DataFrame)
+
+
+@requires_shared
+def test_query_fsaverage6_gifti(narratives_copy):
+    """fsaverage6: one GIFTI per hemisphere (one data array per TR), medial wall NaN."""
+    import nibabel as nib
+    import numpy as np
+
+    from bids_llm_encode.imaging import load_bold
+
+    func = narratives_copy / "derivatives" / "afni-nosmooth" / "sub-020" / "func"
+    func.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for hemi in "LR":
+        data = rng.standard_normal((300, 50)).astype(np.float32)
+        data[:, :5] = np.nan  # "medial wall"
+        img = nib.GiftiImage(darrays=[nib.gifti.GiftiDataArray(row) for row in data])
+        nib.save(img, func / f"sub-020_task-pieman_space-fsaverage6_hemi-{hemi}_desc-clean.func.gii")
+    spec = find_scans(narratives_copy, ["020"], ["pieman"], space="fsaverage6")[0]
+    assert [os.path.basename(b)[:40] for b in spec.bold] == [
+        "sub-020_task-pieman_space-fsaverage6_hem"] * 2
+    assert "hemi-L" in spec.bold[0] and "hemi-R" in spec.bold[1]
+    assert spec.n_trs == 300 and spec.mask is None
+    Y, geom = load_bold(spec.bold, None)
+    assert Y.shape == (300, 90) and geom.kind == "surface"  # NaN vertices left out
+    maps = geom.to_images(np.arange(90, dtype=float))
+    assert set(maps) == {"L", "R"} and len(maps["L"].darrays) == 1
+    paths = []
+    for hemi, img in sorted(maps.items()):
+        paths.append(str(narratives_copy / f"map_hemi-{hemi}.func.gii"))
+        nib.save(img, paths[-1])
+    np.testing.assert_array_equal(geom.from_images(paths)[0], np.arange(90))
