@@ -70,7 +70,7 @@ def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, stor
 
 def label_participant(bold, mask, atoms, maps, story, delays=None, atlases=("seitzman2018",),
                       labels=None, threshold=1.96, null="shift", n_null=1000, seed=0):
-    from .networks import load_atlas, label_atoms, shift_null_coefs
+    from .networks import label_atoms, load_atlas, shift_null_coefs
 
     start, stop = story
     Y, geom = load_bold(bold, mask, slice(start, stop))

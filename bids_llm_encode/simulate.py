@@ -130,8 +130,8 @@ def zscore(x: np.ndarray, axis: int = 0) -> np.ndarray:
 def simulate_dataset(out_dir: str | Path, **kwargs) -> dict:
     """Write the dataset into a temporary sibling folder, then move it into place, so a
     failed simulation never leaves a half-written dataset. Returns the ground truth."""
-    import shutil
     import os
+    import shutil
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from bids_llm_encode import __version__  # noqa: E402
-from bids_llm_encode import errors  # noqa: E402
+from bids_llm_encode import (
+    __version__,  # noqa: E402
+    errors,  # noqa: E402
+)
 from bids_llm_encode.cli import parser as cli_parser  # noqa: E402
 
 IMAGE = "bidsllmencode/bids_llm_encode"

@@ -186,7 +186,7 @@ def test_singularity_matches_dockerfile():
     dock = next(iter(parsers.DockerParser(str(DOCKERFILE)).recipe.values()))
 
     assert sing.fromHeader == f"bidsllmencode/bids_llm_encode:{__version__}"
-    assert re.search(rf'^\s*Bootstrap:\s*docker\s*$', SINGULARITY.read_text(), re.I | re.M)
+    assert re.search(r'^\s*Bootstrap:\s*docker\s*$', SINGULARITY.read_text(), re.I | re.M)
 
     runscript = " ".join(sing.cmd if isinstance(sing.cmd, list) else [sing.cmd or ""])
     assert dock.entrypoint == [ENTRYPOINT]

@@ -5,13 +5,14 @@ import os
 
 import numpy as np
 import pandas as pd
-from .base import ThreadedInputSpec, thread_budget
 from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
     traits,
 )
+
+from .base import ThreadedInputSpec, thread_budget
 
 
 class _DictInputSpec(ThreadedInputSpec):

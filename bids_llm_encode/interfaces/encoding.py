@@ -4,7 +4,6 @@ import json
 import os
 
 import numpy as np
-from .base import ThreadedInputSpec, thread_budget
 from nipype.interfaces.base import (
     File,
     InputMultiObject,
@@ -12,6 +11,8 @@ from nipype.interfaces.base import (
     TraitedSpec,
     traits,
 )
+
+from .base import ThreadedInputSpec, thread_budget
 
 
 class _EncodeInputSpec(ThreadedInputSpec):

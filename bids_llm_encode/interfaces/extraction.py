@@ -4,13 +4,14 @@ import json
 import os
 
 import numpy as np
-from .base import ThreadedInputSpec, thread_budget
 from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
     traits,
 )
+
+from .base import ThreadedInputSpec, thread_budget
 
 
 class _ExtractInputSpec(ThreadedInputSpec):

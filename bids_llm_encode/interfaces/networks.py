@@ -3,7 +3,6 @@
 import json
 import os
 
-from .base import ThreadedInputSpec, thread_budget
 from nipype.interfaces.base import (
     File,
     InputMultiObject,
@@ -11,6 +10,8 @@ from nipype.interfaces.base import (
     TraitedSpec,
     traits,
 )
+
+from .base import ThreadedInputSpec, thread_budget
 
 
 class _LabelInputSpec(ThreadedInputSpec):
