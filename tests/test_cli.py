@@ -99,3 +99,43 @@ def test_group_before_participant(tmp_path, capsys):
     code = main([str(tmp_path / "bids"), str(tmp_path / "out"), "group"])
     assert code == 66
     assert "run the 'participant' level first" in capsys.readouterr().err
+
+
+def test_unknown_model_named_before_any_work(tmp_path, capsys):
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "dataset_description.json").write_text(
+        '{"Name": "x", "BIDSVersion": "1.8.0"}')
+    code = main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
+                 "--model", "gpt-nonexistent", "-w", str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert code == 64 and "smollm2" in err and "minilm" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_failing_node_is_named_and_exit_1(tmp_path, capsys):
+    """A step that fails inside the graph: exit 1, the node named, crash file as text."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from .conftest import NARRATIVES
+
+    if not NARRATIVES.is_dir():
+        pytest.skip(f"real Narratives metadata not found at {NARRATIVES}")
+    bids = tmp_path / "bids"
+    shutil.copytree(NARRATIVES, bids)
+    bold = add_clean_bold(bids, "020", "pieman")
+    # a brain mask on another grid than the BOLD: encoding must refuse it
+    tpl = bids / "derivatives" / "afni-nosmooth" / "tpl-MNI152NLin2009cAsym"
+    tpl.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), np.eye(4)),
+             tpl / "tpl-MNI152NLin2009cAsym_res-pieman_desc-brain_mask.nii.gz")
+    assert bold.exists()
+    code = main([str(bids), str(tmp_path / "out"), "participant", "--participant-label", "020",
+                 "-w", str(tmp_path / "work"), "--n-atoms", "4", "--n-null", "20",
+                 "--no-reports"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "encode_sub_020_task_pieman" in err and "crash" in err
+    assert list((tmp_path / "out" / "sub-020" / "log").glob("crash-*.txt"))

@@ -207,6 +207,10 @@ def _node_from_crash(path: Path) -> str:
 
 
 def run_participant(settings: Settings) -> None:
+    from ..extraction import resolve_model
+
+    for model in settings.model:  # fail in one line before any work, not inside a node
+        resolve_model(model)
     specs = find_scans(
         settings.bids_dir, settings.participant_label, settings.task_label,
         derivatives=settings.derivatives, space=settings.space, exclude=settings.exclude,
