@@ -80,7 +80,7 @@ DEFAULT_ALPHAS = np.logspace(-2, 6, 17)
 DEFAULT_INNER_FOLDS = 3
 #: Band weightings tried by the banded-ridge search: with two bands (atoms, nuisance) a
 #: log-spaced grid of their ratio, equal weighting first; with more, Dirichlet samples.
-DEFAULT_N_ITER = 7
+DEFAULT_N_ITER = 5
 #: Voxels per batch inside himalaya's solvers (memory: n_alphas x n_test x batch floats).
 DEFAULT_TARGETS_BATCH = 20000
 
