@@ -132,3 +132,30 @@ echo "EXIT=$?"
     assert main([str(bids), str(out), "group", "--n-null", "100", "--no-reports"]) == 0
     assert (out / "group" /
             "task-pieman_space-MNI152NLin2009cAsym_model-smollm2_networks.tsv").exists()
+
+
+def test_slurmgraph_plugin_through_use_plugin(slurm, tmp_path):
+    """--use-plugin: nipype submits the graph's nodes as dependent SLURM jobs."""
+    from bids_llm_encode.cli.run import main
+    from bids_llm_encode.simulate import simulate_dataset
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    simulate_dataset(bids, n_participants=1, resolution=8, progress=False)
+    plugin = tmp_path / "slurm.yml"
+    plugin.write_text("plugin: SLURMGraph\nplugin_args:\n  dont_resubmit_completed_jobs: true\n"
+                      "  sbatch_args: '--cpus-per-task=1'\n")
+    os.environ["SLURM_CONF"] = slurm["SLURM_CONF"]
+    try:
+        code = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"),
+                     "--use-plugin", str(plugin), "--n-null", "100", "--no-reports"])
+    finally:
+        os.environ.pop("SLURM_CONF", None)
+    assert code == 0  # submitted: SLURMGraph returns once the dependent jobs are queued
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        q = subprocess.run(["squeue", "-h"], env=slurm, capture_output=True, text=True)
+        if not q.stdout.strip():
+            break
+        time.sleep(3)
+    assert (out / "sub-001" / "func" /
+            "sub-001_task-pieman_space-MNI152NLin2009cAsym_model-smollm2_networks.tsv").exists()

@@ -224,6 +224,14 @@ def run_participant(settings: Settings) -> None:
     LOGGER.warning("running %d scans of %d participants through %d nodes",
                    len(specs), len({s.subject for s in specs}), len(wf._graph.nodes()))
     execute(wf, settings)
+    plugin = plugin_settings(settings)["plugin"]
+    if plugin.endswith("Graph"):
+        # Graph plugins (SLURMGraph, SGEGraph...) submit every node as a dependent job and
+        # return at once: the outputs appear as the jobs finish.
+        LOGGER.warning("submitted the graph to the scheduler (%s); outputs appear in %s as "
+                       "the jobs finish; rerun without --use-plugin for the reports", plugin,
+                       settings.output_dir)
+        return
     if settings.reports:
         from ..reports import write_participant_reports
 
