@@ -1232,13 +1232,20 @@ def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96
     # a map with no overlap cannot be associated with a network
     p = np.where(inter_obs > 0, p, 1.0)
     thr = np.stack([np.atleast_1d(obs.upper), np.atleast_1d(obs.lower)], 0)
+    return _label_table(rows, dice_obs, p, p_perm, size_obs, inter_obs, sizes,
+                        null_d.shape[0], thr, z)
+
+
+def _label_table(rows, dice_obs, p, p_perm, size_obs, inter_obs, sizes, n_null, thr, z):
+    """One row per atom x direction x atlas network; q = BH over all rows."""
+    k = dice_obs.shape[1]
     records = []
     for j in range(k):
         for d, direction in enumerate(DIRECTIONS):
             for m, (aname, nname) in enumerate(rows):
                 records.append((j, aname, nname, direction, dice_obs[d, j, m], p[d, j, m],
-                                int(size_obs[d, j]), p_perm[d, j, m], null_d.shape[0],
-                                int(sizes[m]), int(inter_obs[d, j, m]), thr[d, j], z))
+                                int(size_obs[d, j]), p_perm[d, j, m], n_null, int(sizes[m]),
+                                int(inter_obs[d, j, m]), thr[d, j], z))
     df = pd.DataFrame.from_records(records, columns=[
         "atom", "atlas", "network", "direction", "dice", "p", "n_voxels", "p_perm", "n_null",
         "n_network", "n_overlap", "threshold", "z"])
@@ -1300,18 +1307,8 @@ def _label_atoms_nullz(coefs, r2, onehot, rows, sizes, null, z, cache_bytes) -> 
     den = size_obs[..., None] + sizes[None, None, :]
     dice_obs = np.where(den > 0, 2.0 * inter_obs / np.maximum(den, 1), 0.0)
     p, p_perm = count_pvalues(inter_obs, inter_null)
-    records = []
-    for j in range(k):
-        for d, direction in enumerate(DIRECTIONS):
-            for m, (aname, nname) in enumerate(rows):
-                records.append((j, aname, nname, direction, dice_obs[d, j, m], p[d, j, m],
-                                int(size_obs[d, j]), p_perm[d, j, m], n_null, int(sizes[m]),
-                                int(inter_obs[d, j, m]), float(z), z))
-    df = pd.DataFrame.from_records(records, columns=[
-        "atom", "atlas", "network", "direction", "dice", "p", "n_voxels", "p_perm", "n_null",
-        "n_network", "n_overlap", "threshold", "z"])
-    df.insert(6, "q", fdr_bh(df["p"].to_numpy()))
-    return df
+    thr = np.full((2, k), float(z))
+    return _label_table(rows, dice_obs, p, p_perm, size_obs, inter_obs, sizes, n_null, thr, z)
 
 
 def _null_scale(m2, valid):
