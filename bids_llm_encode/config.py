@@ -51,6 +51,16 @@ class Settings:
     reports: bool = True
     verbose: int = 0
 
+    # How and what to run, not what is computed: left out of node inputs, so that running
+    # another participant or with more processes finds the finished nodes cached.
+    EXECUTION_ONLY = ("analysis_level", "participant_label", "work_dir", "nprocs", "mem_mb",
+                      "use_plugin", "verbose")
+
+    def node_inputs(self) -> dict:
+        """The settings a node receives (and hashes): :meth:`to_json` less EXECUTION_ONLY."""
+        data = self.to_json()
+        return {k: v for k, v in data.items() if k not in self.EXECUTION_ONLY}
+
     def to_json(self) -> dict:
         out = {}
         for f in dataclasses.fields(self):
@@ -64,9 +74,15 @@ class Settings:
         write_json(path, self.to_json())
 
     @classmethod
-    def from_json(cls, path: Path) -> "Settings":
-        data = json.loads(Path(path).read_text())
+    def from_dict(cls, data: dict) -> "Settings":
+        """The inverse of :meth:`to_json` (nipype nodes receive settings as a dict)."""
+        data = dict(data)
+        data.setdefault("analysis_level", [])
         for key in ("bids_dir", "output_dir", "work_dir", "use_plugin"):
             if data.get(key) is not None:
                 data[key] = Path(data[key])
         return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: Path) -> "Settings":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,9 +1,9 @@
 """The ``group`` analysis level: read participant outputs, summarise, compare models.
 
-One summary per task x space x model, then one model comparison per task x space. It reads
-only what the participant level wrote into output_dir (and the participants' BOLD from
-bids_dir for the leave-one-out noise ceiling). It runs in-process (not as nipype nodes):
-it is light next to the participant level.
+One summary per task x space x model, then one model comparison per task x space (each a
+node of the group graph, ``workflows.base.init_group_wf``). It reads only what the
+participant level wrote into output_dir (and the participants' BOLD from bids_dir for the
+leave-one-out noise ceiling).
 """
 
 from __future__ import annotations
@@ -26,23 +26,39 @@ _NETWORKS_RE = re.compile(
 )
 
 
-def collect_participant_outputs(output_dir) -> dict[tuple, list[dict]]:
-    """{(task, space, model): [{sub, run, networks, prefix, folder}]} from sub-*/func."""
+def record_from_networks(path) -> dict | None:
+    """{sub, task, run, space, model, networks, prefix, folder} of a participant's
+    ``*_networks.tsv``; None for a file that is not one."""
+    path = Path(path)
+    m = _NETWORKS_RE.search(path.name)
+    if not m:
+        return None
+    info = m.groupdict()
+    info["networks"] = str(path)
+    info["prefix"] = path.name[: -len("_networks.tsv")]
+    info["folder"] = str(path.parent)
+    return info
+
+
+def collect_participant_outputs(output_dir, task_labels=None) -> dict[tuple, list[dict]]:
+    """{(task, space, model): [record_from_networks(...)]} from sub-*/func."""
     found = defaultdict(list)
     for path in sorted(Path(output_dir).glob("sub-*/func/*_networks.tsv")):
-        m = _NETWORKS_RE.search(path.name)
-        if not m:
-            continue
-        info = m.groupdict()
-        info["networks"] = str(path)
-        info["prefix"] = path.name[: -len("_networks.tsv")]
-        info["folder"] = str(path.parent)
-        found[(info["task"], info["space"], info["model"])].append(info)
+        info = record_from_networks(path)
+        if info is not None:
+            found[(info["task"], info["space"], info["model"])].append(info)
     if not found:
         raise MissingInputError(
             f"no participant outputs in {output_dir} (sub-*/func/*_networks.tsv): run the "
             "'participant' level first"
         )
+    if task_labels:
+        wanted = {t.removeprefix("task-") for t in task_labels}
+        found = {key: recs for key, recs in found.items() if key[0] in wanted}
+        if not found:
+            raise MissingInputError(
+                f"no participant outputs for --task-label {' '.join(task_labels)} in "
+                f"{output_dir}: run the 'participant' level for that task first")
     return dict(found)
 
 
@@ -159,8 +175,10 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
                 out / f"task-{task}_space-{space}_desc-reliable_mask.nii.gz",
                 nib.Nifti1Image(rel, mask_img.affine)))
     written += write_maps(out, dict(ent, model=model), geom, maps, sidecar)
-    return {"model": model, "table": table, "r2_mean": r2_mean, "ceiling": ceiling,
-            "n_participants": len(records), "k": k, "atoms": atoms}
+    reliable = None if ceiling is None else reliable_mask(ceiling["isc_per_participant"])
+    return {"model": model, "table": table, "r2_mean": r2_mean, "reliable": reliable,
+            "n_participants": len(records), "k": k, "atoms": atoms,
+            "written": [str(p) for p in written]}
 
 
 def _participant_bold(settings, task, space, records, geom):
@@ -220,30 +238,14 @@ def _read_atoms(output_dir, task, model):
     return pd.read_csv(files[0], sep="\t").drop(columns=["onset"]).to_numpy()
 
 
-def run_group_level(settings) -> None:
-    from .derivatives import init_derivatives, write_tsv
+def compare_models(output_dir, task: str, space: str, summaries: list[dict]) -> str:
+    """``group/task-<task>_space-<space>_networks-by-model.tsv`` from group_summary()s."""
+    from .derivatives import write_tsv
     from .group import model_comparison
 
-    found = collect_participant_outputs(settings.output_dir)
-    init_derivatives(settings.output_dir, settings.bids_dir)
-    settings.save(Path(settings.output_dir) / "log" / "config-group.json")
-    by_task = defaultdict(dict)
-    for (task, space, model), records in sorted(found.items()):
-        if settings.task_label and task not in settings.task_label:
-            continue
-        LOGGER.warning("group level: task %s, %s, model %s, %d participant scans",
-                       task, space, model, len(records))
-        by_task[(task, space)][model] = group_summary(settings, task, space, model, records)
-    for (task, space), per_model in by_task.items():
-        if len(per_model) > 1:
-            table = model_comparison({
-                m: dict(labels=s["table"], atoms=s["atoms"], r2_maps=[s["r2_mean"]],
-                        reliability_mask=None if s["ceiling"] is None else
-                        reliable_mask(s["ceiling"]["isc_per_participant"]))
-                for m, s in per_model.items()})
-            write_tsv(Path(settings.output_dir) / "group" /
-                      f"task-{task}_space-{space}_networks-by-model.tsv", table)
-    if settings.reports:
-        from .reports import write_group_report
-
-        write_group_report(settings)
+    table = model_comparison({
+        s["model"]: dict(labels=s["table"], atoms=s["atoms"], r2_maps=[s["r2_mean"]],
+                         reliability_mask=s["reliable"])
+        for s in summaries})
+    return str(write_tsv(Path(output_dir) / "group" /
+                         f"task-{task}_space-{space}_networks-by-model.tsv", table))

@@ -7,10 +7,14 @@ network of every atlas by Dice overlap, and every Dice comes with a p-value from
 keeps spatial and temporal autocorrelation and an FDR q across all rows
 (atoms x directions x atlases x networks).
 
-Thresholding (:func:`threshold_map`)
-    Within the voxels whose held-out R2 is > 0, a coefficient map is standardised by its
-    mean and standard deviation over those voxels; ``z >= +z`` is activated, ``z <= -z``
-    deactivated. Voxels with R2 <= 0 (or not finite) are never part of a map.
+Thresholding (``threshold_mode`` of :func:`label_atoms`)
+    Default ``"nullz"``: every voxel's coefficient is divided by that voxel's null standard
+    deviation (pooled over atoms, :func:`_null_scale`); ``z >= +z`` is activated,
+    ``z <= -z`` deactivated, over every voxel with finite data; every null map is cut the
+    same way. ``"zscore"`` (:func:`threshold_map`: the map's own z over the voxels with
+    held-out R2 > 0, the rule first proposed) and ``"absolute"`` remain available; on pure
+    noise the ``"zscore"`` rule gave 28 % of p < .05 (smooth voxels fill every null map, and
+    the R2 > 0 selection favours the true alignment over the shifted ones).
 
 Nulls (the ``null_coefs`` argument of :func:`label_atoms`)
     * Volumes: :class:`ShiftNull` / :func:`shift_null_coefs` -- the BOLD is circularly
@@ -26,14 +30,14 @@ Nulls (the ``null_coefs`` argument of :func:`label_atoms`)
       are correlated with each other, which makes the shift null's far tail liberal (pure
       noise simulations, 32 participants x 72 rows: at p < 0.05 both nulls gave 0.03-0.06;
       at p < 0.01 shift ~0.018 and phase ~0.010).
-    * By default both refit *residuals* of the full model (ter Braak 1992): ``Y - D W``,
-      resampled in time. Without this, signal that atom j explains at the true alignment
-      reappears, at random amplitude, in every other atom's null maps (z-scoring is
-      scale-free), making those nulls network-shaped: anti-conservative for the other
-      networks, conservative for atom j's own ones (``residualize=False`` restores it).
+    * ``residualize=True`` refits *residuals* of the full model (ter Braak 1992) instead of
+      the BOLD. Off by default: with the per-voxel null scale the raw-BOLD shifts were the
+      calibrated choice in the pure-noise simulations (tests/test_networks.py).
     * Surfaces (fsaverage GIFTI): :class:`SpinNull` -- the observed coefficient *and* R2 maps
-      are rotated on the sphere (:func:`spin_permutations`, brainspace-style), and the
-      rotated maps are thresholded the same way.
+      are rotated on the sphere (:func:`spin_permutations`, brainspace-style; the sphere
+      from :func:`load_sphere_coords`), and the rotated maps are thresholded the same way.
+      Vertices that rotate into the medial wall take the nearest vertex with data
+      (:meth:`SpinNull.for_vertices`), so null maps cover as many vertices as the observed.
     * Any array of null coefficient maps ``(n_null, k, V)``, thresholded with the observed
       R2 mask; or any object with ``blocks(coefs, r2)`` yielding ``(voxel indices, null maps
       (n_null x k x Vb), null R2 (n_null x Vb) or None)`` (group nulls in group.py).
@@ -43,10 +47,10 @@ Nulls (the ``null_coefs`` argument of :func:`label_atoms`)
     spatial alignment.
 
 Threshold rule caveat
-    The z-score is taken over the R2 > 0 voxels, so it is relative: an effect that fills a
-    large share of those voxels (a strong effect in a small mask) cannot reach |z| >= 1.96
-    (planted networks forming ~45 % of the R2 > 0 voxels reached z ~ 1.45). Group t-maps are
-    cut at a fixed t instead (``threshold_mode``, see group.py).
+    The ``"zscore"`` rule is relative: an effect that fills a large share of the R2 > 0
+    voxels cannot reach |z| >= 1.96 (planted networks forming ~45 % of them reached
+    z ~ 1.45). ``"nullz"`` has no such ceiling. Group t-maps with sign flips are cut at a
+    fixed t (see group.py).
 
 p-values
     ``p_perm = (1 + #{null Dice >= observed}) / (1 + n_null)``. Because circular shifts
@@ -380,10 +384,17 @@ def _seitzman_atlas(ref: _Reference, keep_unassigned=False) -> Atlas:
 
 
 def _templateflow_home():
+    """TemplateFlow's folder: $TEMPLATEFLOW_HOME, else templateflow's own default if the
+    package is installed, else ~/.cache/templateflow when it exists (no download here)."""
+    import os
+
+    if os.environ.get("TEMPLATEFLOW_HOME"):
+        return Path(os.environ["TEMPLATEFLOW_HOME"])
     try:
         from templateflow import conf  # type: ignore[import-not-found]
     except Exception:  # noqa: BLE001
-        return None
+        default = Path.home() / ".cache" / "templateflow"
+        return default if default.is_dir() else None
     return Path(conf.TF_HOME)
 
 
@@ -955,33 +966,69 @@ def fibonacci_sphere(n: int, radius: float = 100.0) -> np.ndarray:
                                      np.sin(theta) * np.sin(phi), np.cos(phi)])
 
 
-def load_sphere_coords(mesh: str = "fsaverage6", data_dir=None):
-    """(lh, rh) sphere vertex coordinates of an fsaverage mesh, through nilearn.
+#: fsaverage meshes by vertices per hemisphere, and TemplateFlow's name for their density.
+FSAVERAGE_MESHES = {10242: "fsaverage5", 40962: "fsaverage6", 163842: "fsaverage"}
+_TEMPLATEFLOW_DENSITY = {"fsaverage5": "10k", "fsaverage6": "41k", "fsaverage": "164k"}
 
-    nilearn 0.14 bundles fsaverage5 only; other meshes are downloaded on first use (an
-    AppError says so when that is impossible).
+
+def load_sphere_coords(mesh: str = "fsaverage6", data_dir=None):
+    """(lh, rh) sphere vertex coordinates of an fsaverage mesh, found offline if possible.
+
+    Looked up in order: TemplateFlow's ``tpl-fsaverage/tpl-fsaverage_hemi-<L|R>_den-<d>
+    _sphere.surf.gii`` under ``$TEMPLATEFLOW_HOME``; nilearn (bundles fsaverage5; other
+    meshes are downloaded into nilearn's data folder on first use). Offline and not found:
+    an AppError that says how to provide the files.
     """
     import nibabel as nib
+
+    density = _TEMPLATEFLOW_DENSITY.get(mesh)
+    home = _templateflow_home()
+    if density and home is not None:
+        files = [home / "tpl-fsaverage" / f"tpl-fsaverage_hemi-{h}_den-{density}_sphere.surf.gii"
+                 for h in "LR"]
+        if all(f.is_file() for f in files):
+            return tuple(_sphere_coords(f) for f in files)
     from nilearn.datasets import fetch_surf_fsaverage
 
     try:
         b = fetch_surf_fsaverage(mesh, data_dir=data_dir)
         return tuple(np.asarray(nib.load(b[f"sphere_{h}"]).darrays[0].data, float)
                      for h in ("left", "right"))
-    except Exception as exc:  # noqa: BLE001
-        raise AppError(f"cannot load the {mesh} sphere through nilearn (only fsaverage5 is "
-                       f"bundled; others need network once): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any download/IO failure gets the same advice
+        where = "$TEMPLATEFLOW_HOME" if home is None else str(home)
+        raise AppError(
+            f"the {mesh} sphere (for --null spin) is not bundled and could not be downloaded "
+            f"({type(exc).__name__}); put tpl-fsaverage_hemi-L_den-{density}_sphere.surf.gii "
+            f"and its hemi-R twin into {where}/tpl-fsaverage/ (python -c \"import "
+            f"templateflow.api as t; t.get('fsaverage', density='{density}', "
+            f"suffix='sphere')\" where there is network), or use --null shift") from None
+
+
+def _sphere_coords(path) -> np.ndarray:
+    import nibabel as nib
+
+    try:
+        arrays = nib.load(str(path)).darrays
+        xyz = next(np.asarray(d.data, float) for d in arrays if np.asarray(d.data).ndim == 2
+                   and np.asarray(d.data).shape[1] == 3)
+    except (StopIteration, Exception) as exc:  # noqa: BLE001
+        raise InputDataError(f"{path}: not a GIFTI surface with vertex coordinates ({exc})"
+                             ) from None
+    return xyz
 
 
 def spin_permutations(sphere_coords_lh, sphere_coords_rh, n: int = 1000,
-                      seed: int = 0) -> np.ndarray:
+                      seed: int = 0, keep=None) -> np.ndarray:
     """Spin-test reassignments (Alexander-Bloch et al. 2018; brainspace's SpinPermutations).
 
     Each of ``n`` uniformly random rotations is applied to the left sphere; the right
-    sphere gets the mirrored rotation ``F R F`` (``F`` flips x), so both hemispheres spin
-    symmetrically. Every rotated vertex takes the value of its nearest original vertex.
-    Returns an int array ``(n, n_lh + n_rh)`` of indices into the concatenated L+R map:
-    ``spun = values[..., perms[i]]``.
+    sphere gets the mirrored rotation ``F R F`` (``F`` flips x). Every rotated vertex takes
+    the value of its nearest original vertex. With ``keep`` (bool over L+R vertices: the
+    vertices with data), only kept vertices are rotated and only kept vertices are sources,
+    so a vertex that rotates into the medial wall takes the nearest vertex with data
+    (Cornblath et al. 2020) and every null map covers as many vertices as the observed one.
+    Returns an int array ``(n, n_kept_lh + n_kept_rh)`` of indices into the concatenated
+    (kept) L+R map: ``spun = values[..., perms[i]]``.
     """
     from scipy.spatial import cKDTree
     from scipy.spatial.transform import Rotation
@@ -990,6 +1037,12 @@ def spin_permutations(sphere_coords_lh, sphere_coords_rh, n: int = 1000,
     rh = np.asarray(sphere_coords_rh, float)
     if lh.ndim != 2 or lh.shape[1] != 3 or rh.ndim != 2 or rh.shape[1] != 3:
         raise InputDataError("spin_permutations: sphere coordinates must be (n_vertices x 3)")
+    if keep is not None:
+        keep = np.asarray(keep, bool).ravel()
+        if keep.size != len(lh) + len(rh):
+            raise InputDataError(f"the data have {keep.size} vertices, the spheres "
+                                 f"{len(lh) + len(rh)}")
+        lh, rh = lh[keep[: len(lh)]], rh[keep[len(lh):]]
     rots = Rotation.random(int(n), random_state=seed).as_matrix()
     if int(n) == 1:
         rots = rots.reshape(1, 3, 3)
@@ -1013,14 +1066,21 @@ class SpinNull:
     """Spin null for surface maps: rotates the observed coefficient and R2 maps together.
 
     ``blocks(coefs, r2)`` yields ``(slice, spun coefs (n x k x Vb), spun r2 (n x Vb))``.
-    ``perms`` index the concatenated L+R vertices of the analysis (no mask: pass full
-    hemispheres and let medial-wall vertices carry R2 <= 0 or NaN).
+    ``perms`` (:func:`spin_permutations`) index the analysed vertices; for maps without the
+    medial wall build it with :meth:`for_vertices`.
     """
 
     def __init__(self, perms, batch: int | None = None):
         self.perms = np.asarray(perms, np.int64)
         self.n_null = int(self.perms.shape[0])
         self.batch = batch
+
+    @classmethod
+    def for_vertices(cls, sphere_lh, sphere_rh, keep, n_null: int = 1000, seed: int = 0,
+                     batch: int | None = None) -> "SpinNull":
+        """Spins of the vertices ``keep`` (bool over L+R) onto each other."""
+        return cls(spin_permutations(sphere_lh, sphere_rh, n=n_null, seed=seed, keep=keep),
+                   batch=batch)
 
     def blocks(self, coefs, r2):
         coefs = np.atleast_2d(np.asarray(coefs, np.float32))

@@ -14,6 +14,8 @@ from .imaging import load_bold
 from .narratives import read_gentle, words_in_scan_time
 from .timing import fir_delays
 
+BUILTIN_ATLASES = ("seitzman2018", "schaefer2018-7", "schaefer2018-17")
+
 
 def atom_features(atoms: np.ndarray, delays: list[int] | None) -> np.ndarray:
     """Atoms are HRF-convolved already, unless FIR delays were asked for."""
@@ -82,10 +84,8 @@ def label_participant(bold, mask, atoms, maps, story, delays=None, atlases=("sei
     k = D.shape[1]
 
     if null == "spin":
-        # networks.SpinNull implements the rotations; wiring it to masked fsaverage6 maps
-        # (medial wall removed) is not done yet.
-        raise AppError("--null spin is not wired into the participant workflow yet; "
-                       "use --null shift (the default), which works on surfaces too")
+        table = label_atoms(coefs, r2, atlas_objs,
+                            spin_null(geom, n_null=n_null, seed=seed), z=threshold)
     elif delays:
         # FIR: null coefficients per delay are summed per atom like the observed ones.
         null = shift_null_coefs(Y, features, alphas, n_null=n_null, seed=seed)
@@ -99,17 +99,39 @@ def label_participant(bold, mask, atoms, maps, story, delays=None, atlases=("sei
     table["atom"] = table["atom"] + 1  # 1-based, as atom01.. in the atoms TSV
     meta = {"atlases": [a.name for a in atlas_objs], "threshold_z": threshold, "null": null,
             "n_null": n_null, "seed": seed,
-            "threshold_rule": "z of the coefficient map across voxels with held-out R2 > 0"}
+            "threshold_rule": "coefficient / the voxel's null sd (pooled over atoms), every "
+                              "voxel with data; null maps cut the same way"}
     return table, meta
 
 
+def spin_null(geom, n_null: int, seed: int):
+    """networks.SpinNull over the analysed vertices of fsaverage surface data."""
+    from .networks import FSAVERAGE_MESHES, SpinNull, load_sphere_coords
+
+    if geom.kind != "surface":
+        raise AppError("--null spin rotates maps on the sphere: it needs surface data "
+                       "(--space fsaverage6); on volumes use --null shift")
+    n_lh, n_rh = geom.hemi_sizes
+    mesh = FSAVERAGE_MESHES.get(n_lh)
+    if mesh is None or n_lh != n_rh:
+        raise AppError(f"--null spin: {n_lh}+{n_rh} vertices is not an fsaverage mesh "
+                       f"({', '.join(f'{n} {m}' for n, m in FSAVERAGE_MESHES.items())}); "
+                       "use --null shift")
+    lh, rh = load_sphere_coords(mesh)
+    return SpinNull.for_vertices(lh, rh, geom.keep, n_null=n_null, seed=seed)
+
+
 def _load_atlases(specs, labels, geom, load_atlas):
+    """Every --fbn-atlas on the analysed voxels (volume mask) or vertices (surface keep)."""
+    if geom.kind == "surface":
+        ref, mask = geom.hemi_sizes, geom.keep
+    else:
+        ref = mask = geom.mask_img
     label_iter = iter(labels or [])
     out = []
     for spec in specs:
-        lab = None if spec in ("seitzman2018", "schaefer2018-7", "schaefer2018-17") else next(
-            label_iter, None)
-        out.append(load_atlas(spec, geom.mask_img, geom.mask_img, labels=lab))
+        lab = None if spec in BUILTIN_ATLASES else next(label_iter, None)
+        out.append(load_atlas(spec, ref, mask, labels=lab))
     return out
 
 

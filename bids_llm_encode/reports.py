@@ -22,6 +22,7 @@ import logging
 import re
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,6 +31,7 @@ import pandas as pd
 
 from .derivatives import atomic_path, write_text
 from .errors import AppError, MissingInputError
+from .networks import FSAVERAGE_MESHES
 
 LOGGER = logging.getLogger("bids_llm_encode.reports")
 
@@ -39,7 +41,6 @@ MAX_LABELLED = 8  # labelled atoms drawn per scan x model
 MAX_TABLE_ROWS = 60  # rows of a significant-labels table
 DPI = 80
 DIRECTIONS = ("activated", "deactivated")
-FSAVERAGE_MESHES = {10242: "fsaverage5", 40962: "fsaverage6", 163842: "fsaverage"}
 _PART_NETWORKS_RE = r"_model-(?P<model>[A-Za-z0-9]+)_networks\.tsv$"
 _GROUP_NETWORKS_RE = re.compile(
     r"^task-(?P<task>[^_]+)_space-(?P<space>[^_]+)_model-(?P<model>[A-Za-z0-9]+)"
@@ -50,6 +51,21 @@ _e = html.escape
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScanRef:
+    """What a report needs of a scan (a ``narratives.ScanSpec`` also has these)."""
+
+    subject: str
+    task: str
+    run: int | None
+    space: str
+
+    @property
+    def scan_id(self) -> str:
+        run = f"_run-{self.run}" if self.run is not None else ""
+        return f"sub-{self.subject}_task-{self.task}{run}"
+
 
 def write_participant_reports(settings, specs) -> list[Path]:
     """Write ``sub-<id>.html`` (+ ``sub-<id>/figures/*.png``) for every participant in specs.

@@ -112,6 +112,20 @@ def test_unknown_model_named_before_any_work(tmp_path, capsys):
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--null", "spin"], "needs --space fsaverage6"),
+    (["--space", "fsaverage6"], "GIFTI dseg per hemisphere"),
+])
+def test_space_null_and_atlas_mismatch_exit_64(tmp_path, capsys, args, says):
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "dataset_description.json").write_text(
+        '{"Name": "x", "BIDSVersion": "1.8.0"}')
+    code = main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", *args])
+    err = capsys.readouterr().err
+    assert code == 64 and says in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_failing_node_is_named_and_exit_1(tmp_path, capsys):
     """A step that fails inside the graph: exit 1, the node named, crash file as text."""
     import shutil

@@ -152,6 +152,22 @@ def test_rerun_reuses_stimulus_branch(full_run):
     assert before == after  # nipype found them cached: extraction and dictionary not rerun
 
 
+def test_reports_and_group_level_are_graph_nodes(full_run):
+    work = full_run["work"]
+    part = work / "bids_llm_encode_wf"
+    for sub in ("001", "002", "003"):
+        assert list((part / f"report_sub_{sub}").glob("result_*.pklz")), sub
+    group = work / "bids_llm_encode_group_wf"
+    summary = group / f"group_pieman_{SPACE}_smollm2"
+    assert list(summary.glob("result_*.pklz")) and (summary / "summary.pkl").exists()
+    assert list((group / "report_group").glob("result_*.pklz"))
+    # a second group run finds every node cached
+    before = {p: p.stat().st_mtime_ns for p in group.glob("*/result_*.pklz")}
+    assert main([str(full_run["bids"]), str(full_run["out"]), "group", "-w", str(work),
+                 *FAST]) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in group.glob("*/result_*.pklz")}
+
+
 def test_kill_during_encoding_then_resume(full_run, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     # share the extraction cache so the test spends its time where the kill happens

@@ -587,3 +587,139 @@ def test_fsaverage5_sphere_is_bundled():
     lh, rh = load_sphere_coords("fsaverage5")
     assert lh.shape == (10242, 3) and rh.shape == (10242, 3)
     np.testing.assert_allclose(np.linalg.norm(lh, axis=1), 100, rtol=1e-3)
+
+
+def _sphere_field(xyz, rng, n_terms=30, width=25.0):
+    """A smooth random field on a sphere: a sum of Gaussian bumps at random vertices."""
+    centres = xyz[rng.choice(len(xyz), n_terms, replace=False)]
+    d2 = ((xyz[:, None, :] - centres[None]) ** 2).sum(-1)
+    return (np.exp(-d2 / (2 * width**2)) * rng.standard_normal(n_terms)).sum(1)
+
+
+@pytest.fixture(scope="module")
+def fsaverage5_sphere():
+    lh, rh = load_sphere_coords("fsaverage5")
+    xyz = np.concatenate([lh, rh])
+    # a medial-wall-like strip without data on each hemisphere (|x| small, y mid)
+    medial = (np.abs(xyz[:, 0]) < 25) & (np.abs(xyz[:, 1]) < 50)
+    rng = np.random.default_rng(7)
+    centres = rng.choice(len(xyz), 40, replace=False)
+    d2 = ((xyz[:, None, :] - xyz[centres][None]) ** 2).sum(-1)
+    labels = d2.argmin(1) % 8 + 1  # 40 patches, 8 networks of 5 patches
+    return {"lh": lh, "rh": rh, "xyz": xyz, "keep": ~medial, "labels": labels}
+
+
+def test_spin_null_for_vertices_spins_onto_vertices_with_data(fsaverage5_sphere):
+    s = fsaverage5_sphere
+    keep = s["keep"]
+    n_lh = len(s["lh"])
+    null = SpinNull.for_vertices(s["lh"], s["rh"], keep, n_null=20, seed=0)
+    n_keep_lh = int(keep[:n_lh].sum())
+    assert null.perms.shape == (20, keep.sum())
+    assert null.perms.min() >= 0 and null.perms.max() < keep.sum()
+    assert null.perms[:, :n_keep_lh].max() < n_keep_lh <= null.perms[:, n_keep_lh:].min()
+    # the same rotations as on whole spheres wherever the rotated vertex lands on data
+    full = spin_permutations(s["lh"], s["rh"], n=20, seed=0)[:, keep]
+    position = np.full(keep.size, -1)
+    position[keep] = np.arange(keep.sum())
+    landed = keep[full]
+    assert landed.mean() > 0.8
+    np.testing.assert_array_equal(position[full][landed], null.perms[landed])
+    coefs = np.arange(keep.sum(), dtype=float)[None]
+    (sl, spun, r2), *rest = list(SpinNull(null.perms, batch=int(keep.sum())).blocks(
+        coefs, np.ones(keep.sum())))
+    assert not rest and spun.shape == (20, 1, keep.sum()) and np.isfinite(spun).all()
+    np.testing.assert_array_equal(spun[:, 0], coefs[0][null.perms])
+    with pytest.raises(InputDataError, match="vertices"):
+        SpinNull.for_vertices(s["lh"], s["rh"], keep[:-1])
+
+
+def _hemisphere_fields(s, rng):
+    """Independent smooth fields on each hemisphere (the spin null's assumption)."""
+    return np.concatenate([_sphere_field(s["lh"], rng, 15), _sphere_field(s["rh"], rng, 15)])
+
+
+def test_spin_null_on_fsaverage5_planted_and_calibrated(fsaverage5_sphere):
+    """Real fsaverage5 sphere with a medial wall: a map planted + in N2 and - in N5 gets
+    exactly those labels; smooth random maps give ~5 % of p < 0.05."""
+    s = fsaverage5_sphere
+    keep, labels = s["keep"], s["labels"][s["keep"]]
+    atlas = Atlas("patches", labels, {i: f"N{i}" for i in range(1, 9)}, space="surface")
+    rng = np.random.default_rng(3)
+    noise = np.stack([_hemisphere_fields(s, rng)[keep] for _ in range(33)])
+    planted = 0.3 * noise[0] / noise[0].std() + 1.0 * (labels == 2) - 1.0 * (labels == 5)
+    coefs = np.vstack([planted, noise[1:]])
+    r2 = np.full(keep.sum(), 0.05)
+    null = SpinNull.for_vertices(s["lh"], s["rh"], keep, n_null=300, seed=1)
+    table = label_atoms(coefs, r2, [atlas], null)
+    sig = table[table.q < 0.05]
+    assert set(zip(sig.atom, sig.network, sig.direction)) == {
+        (0, "N2", "activated"), (0, "N5", "deactivated")}, sig
+    rate = float(np.mean(table.loc[table.atom > 0, "p"] < 0.05))  # 32 maps x 16 rows
+    assert 0.02 <= rate <= 0.08, rate
+
+
+def _gifti_sphere(path, xyz):
+    arr = nib.gifti.GiftiDataArray(np.asarray(xyz, np.float32), intent="NIFTI_INTENT_POINTSET")
+    nib.save(nib.gifti.GiftiImage(darrays=[arr]), path)
+
+
+def test_fsaverage6_sphere_from_local_templateflow(tmp_path, monkeypatch):
+    tpl = tmp_path / "tpl-fsaverage"
+    tpl.mkdir()
+    xyz = fibonacci_sphere(40962)
+    for hemi, sign in (("L", 1.0), ("R", -1.0)):
+        _gifti_sphere(tpl / f"tpl-fsaverage_hemi-{hemi}_den-41k_sphere.surf.gii",
+                      xyz * [sign, 1, 1])
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path))
+    lh, rh = load_sphere_coords("fsaverage6")
+    assert lh.shape == rh.shape == (40962, 3)
+    np.testing.assert_allclose(lh, xyz, atol=1e-3)
+
+
+def test_fsaverage6_sphere_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "empty"))
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens: offline at once
+    monkeypatch.setenv("NO_PROXY", "")
+    with pytest.raises(AppError, match=r"fsaverage6 sphere.*den-41k.*--null shift"):
+        load_sphere_coords("fsaverage6", data_dir=str(tmp_path / "nilearn"))
+
+
+def test_participant_labelling_with_spin_null_on_surface_gifti(fsaverage5_sphere, tmp_path):
+    """pipeline.label_participant on fsaverage5 GIFTI BOLD (NaN medial wall) with a GIFTI
+    dseg atlas and --null spin: the planted atom/network pairs, and nothing else."""
+    from bids_llm_encode.pipeline import label_participant
+
+    s = fsaverage5_sphere
+    n_lh = len(s["lh"])
+    rng = np.random.default_rng(5)
+    T, k = 160, 3
+    D = gaussian_filter1d(rng.standard_normal((T, k)), 2, axis=0)
+    D /= D.std(0)
+    sign = (s["labels"] == 2).astype(float) - (s["labels"] == 5)
+    Y = np.outer(D[:, 0], sign) + 1.5 * rng.standard_normal((T, sign.size))
+    Y[:, ~s["keep"]] = np.nan
+    bold = []
+    for hemi, cols in (("L", slice(0, n_lh)), ("R", slice(n_lh, None))):
+        darrays = [nib.gifti.GiftiDataArray(row.astype(np.float32)) for row in Y[:, cols]]
+        bold.append(str(tmp_path / f"bold_hemi-{hemi}.func.gii"))
+        nib.save(nib.gifti.GiftiImage(darrays=darrays), bold[-1])
+        lab = nib.gifti.GiftiDataArray(s["labels"][cols].astype(np.int32),
+                                       intent="NIFTI_INTENT_LABEL")
+        nib.save(nib.gifti.GiftiImage(darrays=[lab]), tmp_path / f"atlas_hemi-{hemi}.label.gii")
+    names = tmp_path / "names.tsv"
+    names.write_text("index\tname\n" + "".join(f"{i}\tN{i}\n" for i in range(1, 9)))
+    Yk = Y[:, s["keep"]]
+    alphas = np.full(Yk.shape[1], 10.0)
+    np.save(tmp_path / "atoms.npy", D)
+    np.savez(tmp_path / "maps.npz", coefs=ridge_coefs(Yk, D, alphas),
+             r2_atoms=np.full(Yk.shape[1], 0.05), alphas=alphas)
+    atlas = f"{tmp_path}/atlas_hemi-L.label.gii,{tmp_path}/atlas_hemi-R.label.gii"
+    table, meta = label_participant(bold, None, str(tmp_path / "atoms.npy"),
+                                    str(tmp_path / "maps.npz"), (0, T), atlases=[atlas],
+                                    labels=[str(names)], null="spin", n_null=200)
+    assert meta["null"] == "spin"
+    sig = table[table.q < 0.05]
+    assert set(zip(sig.atom, sig.network, sig.direction)) == {
+        (1, "N2", "activated"), (1, "N5", "deactivated")}, sig  # atoms count from 1

@@ -129,7 +129,8 @@ echo "EXIT=$?"
         assert (out / f"sub-{s}" / "func" /
                 f"sub-{s}_task-pieman_space-MNI152NLin2009cAsym_model-smollm2_networks.tsv"
                 ).exists()
-    assert main([str(bids), str(out), "group", "--n-null", "100", "--no-reports"]) == 0
+    assert main([str(bids), str(out), "group", "-w", str(work / "group"), "--n-null", "100",
+                 "--no-reports"]) == 0
     assert (out / "group" /
             "task-pieman_space-MNI152NLin2009cAsym_model-smollm2_networks.tsv").exists()
 
@@ -147,7 +148,7 @@ def test_slurmgraph_plugin_through_use_plugin(slurm, tmp_path):
     os.environ["SLURM_CONF"] = slurm["SLURM_CONF"]
     try:
         code = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"),
-                     "--use-plugin", str(plugin), "--n-null", "100", "--no-reports"])
+                     "--use-plugin", str(plugin), "--n-null", "100"])
     finally:
         os.environ.pop("SLURM_CONF", None)
     assert code == 0  # submitted: SLURMGraph returns once the dependent jobs are queued
@@ -159,3 +160,4 @@ def test_slurmgraph_plugin_through_use_plugin(slurm, tmp_path):
         time.sleep(3)
     assert (out / "sub-001" / "func" /
             "sub-001_task-pieman_space-MNI152NLin2009cAsym_model-smollm2_networks.tsv").exists()
+    assert (out / "sub-001.html").exists()  # the report node ran as a SLURM job too

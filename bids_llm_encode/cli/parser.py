@@ -198,13 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--map-threshold", type=float, default=1.96, metavar="Z",
-        help="|z| of an atom's coefficient map (across voxels with held-out R2 > 0) that "
-        "makes a voxel activated/deactivated (default: %(default)s)",
+        help="|z| that makes a voxel activated/deactivated in an atom's map; z = the voxel's "
+        "coefficient over its null standard deviation (default: %(default)s)",
     )
     g.add_argument(
         "--null", default="shift", choices=["shift", "spin"],
-        help="null for the Dice p: circular time shifts refitted (volumes) or spins "
-        "(fsaverage6) (default: %(default)s)",
+        help="null for the overlap p: 'shift' = the BOLD circularly shifted in time against "
+        "the atoms and refitted (volumes and surfaces); 'spin' = maps rotated on the "
+        "sphere (--space fsaverage6 only; needs the fsaverage6 sphere from TemplateFlow "
+        "or nilearn, downloaded once) (default: %(default)s)",
     )
     g.add_argument(
         "--n-null", type=_positive_int, default=1000, metavar="N",

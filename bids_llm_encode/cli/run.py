@@ -17,6 +17,7 @@ from ..errors import (
     MissingInputError,
     UsageError,
 )
+from ..pipeline import BUILTIN_ATLASES
 from .parser import LEVELS, build_parser
 
 LOGGER = logging.getLogger("bids_llm_encode")
@@ -35,10 +36,16 @@ def settings_from_args(args) -> Settings:
     work_dir = (args.work_dir or Path("work")).expanduser().resolve()
     if work_dir == bids_dir or bids_dir in work_dir.parents:
         raise UsageError(f"--work-dir {work_dir} is inside bids_dir; choose a folder outside it")
-    if args.fbn_labels and len(args.fbn_labels) != sum(
-        1 for a in args.fbn_atlas if a not in ("seitzman2018", "schaefer2018-7", "schaefer2018-17")
-    ):
+    builtin = [a for a in args.fbn_atlas if a in BUILTIN_ATLASES]
+    if args.fbn_labels and len(args.fbn_labels) != len(args.fbn_atlas) - len(builtin):
         raise UsageError("--fbn-labels needs one labels file per dseg path given to --fbn-atlas")
+    if args.space == "fsaverage6" and builtin:
+        raise UsageError(f"--fbn-atlas {' '.join(builtin)} is a volume atlas; with --space "
+                         "fsaverage6 pass a GIFTI dseg per hemisphere: --fbn-atlas "
+                         "L.label.gii,R.label.gii (names with --fbn-labels)")
+    if args.null == "spin" and args.space != "fsaverage6":
+        raise UsageError("--null spin rotates maps on the sphere: it needs --space fsaverage6; "
+                         "on volumes use --null shift (the default)")
     if args.use_plugin is not None and not args.use_plugin.exists():
         raise MissingInputError(f"--use-plugin file {args.use_plugin} does not exist")
     return Settings(

@@ -3,16 +3,19 @@
 participant: per (task, audio, TR grid, model) one stimulus branch
 (extraction -> dictionary -> atoms sink) shared by every participant who heard that audio;
 per participant x scan x model an encoding -> network-labelling -> derivatives branch,
-then one report per participant.
-group: one node per (task, space, model), then the model comparison and the group report.
+then one report per participant (after all of its sinks).
+group: one summary node per (task, space, model), one model comparison per (task, space)
+when several models were run, then the group report.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import defaultdict
 from pathlib import Path
 
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..config import Settings
@@ -22,7 +25,9 @@ from ..interfaces.derivatives import WriteParticipantOutputs, WriteStimulusOutpu
 from ..interfaces.dictionary import LearnDictionary
 from ..interfaces.encoding import FitEncoding
 from ..interfaces.extraction import ExtractResponses
+from ..interfaces.group import CompareModels, GroupSummary
 from ..interfaces.networks import LabelNetworks
+from ..interfaces.reports import GroupReport, ParticipantReport
 from ..narratives import find_scans, group_by_stimulus
 from ..timing import story_trs
 
@@ -64,9 +69,10 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
         )
     wf = pe.Workflow(name="bids_llm_encode_wf", base_dir=str(settings.work_dir))
     out_dir = str(settings.output_dir)
-    cfg = settings.to_json()
+    cfg = settings.node_inputs()
     fir = bool(settings.delays)
     cache_dir = str(Path(settings.work_dir) / "extraction_cache")
+    sinks_by_subject = defaultdict(list)  # the report of a participant waits for these
     for key, group in group_by_stimulus(specs).items():
         task, stimulus, tr, n_trs, audio_onset = key
         spec0 = group[0]
@@ -109,8 +115,58 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
                         cache_dir=cache_dir, **common,
                     ), f"extract_layers_{stem}", mem["extract"], n_procs=2)
             for spec in group:
-                _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary,
-                                 baseline_src, cfg, mem)
+                sink = _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary,
+                                        baseline_src, cfg, mem)
+                sinks_by_subject[spec.subject] += [sink, stim_sink]
+    if settings.reports:
+        for subject, sinks in sorted(sinks_by_subject.items()):
+            scans = [{"subject": s.subject, "task": s.task, "run": s.run, "space": s.space}
+                     for s in sorted(specs, key=lambda s: (s.task, s.run or 0))
+                     if s.subject == subject]
+            report = _node(ParticipantReport(settings=cfg, scans=scans),
+                           f"report_sub_{_safe(subject)}", 1.0,
+                           crash_dir=Path(settings.output_dir) / f"sub-{subject}" / "log")
+            _gather(wf, [(sink, "out_files") for sink in dict.fromkeys(sinks)], report,
+                    "written", f"written_sub_{_safe(subject)}")
+    return wf
+
+
+def _gather(wf, sources, dest, dest_field, name):
+    """Connect every ``(node, field)`` in ``sources`` into one flat list on ``dest``."""
+    merge = pe.Node(niu.Merge(len(sources), ravel_inputs=True), name=name)
+    for i, (src, field) in enumerate(sources, start=1):
+        wf.connect(src, field, merge, f"in{i}")
+    wf.connect(merge, "out", dest, dest_field)
+
+
+def init_group_wf(settings: Settings, found: dict) -> pe.Workflow:
+    """The group graph over the participant outputs ``found``
+    (``group_level.collect_participant_outputs``)."""
+    wf = pe.Workflow(name="bids_llm_encode_group_wf", base_dir=str(settings.work_dir))
+    cfg = settings.node_inputs()
+    by_task = defaultdict(dict)
+    for (task, space, model), records in sorted(found.items()):
+        # every participant's story BOLD is held at once (noise ceiling, group null)
+        mem_gb = 1.0 + 6 * len(records) * estimate_mem_gb(300, 1)["encode"]
+        by_task[(task, space)][model] = _node(GroupSummary(
+            settings=cfg, task=task, space=space, model=model,
+            networks=[r["networks"] for r in records],
+        ), f"group_{_safe(task)}_{_safe(space)}_{_safe(model)}", mem_gb, n_procs=2)
+    written = []
+    for (task, space), per_model in sorted(by_task.items()):
+        written += [(node, "out_files") for node in per_model.values()]
+        if len(per_model) > 1:
+            stem = f"{_safe(task)}_{_safe(space)}"
+            compare = _node(CompareModels(output_dir=str(settings.output_dir), task=task,
+                                          space=space), f"compare_models_{stem}", 1.0)
+            _gather(wf, [(node, "summary") for node in per_model.values()], compare,
+                    "summaries", f"summaries_{stem}")
+            written.append((compare, "out_file"))
+    if settings.reports:
+        _gather(wf, written, _node(GroupReport(settings=cfg), "report_group", 1.0),
+                "written", "written_group")
+    else:
+        wf.add_nodes([node for node, _ in written])
     return wf
 
 
@@ -223,22 +279,28 @@ def run_participant(settings: Settings) -> None:
     wf = init_bids_llm_encode_wf(settings, specs)
     LOGGER.warning("running %d scans of %d participants through %d nodes",
                    len(specs), len({s.subject for s in specs}), len(wf._graph.nodes()))
+    _run(wf, settings)
+
+
+def run_group(settings: Settings) -> None:
+    from ..group_level import collect_participant_outputs
+
+    found = collect_participant_outputs(settings.output_dir, settings.task_label)
+    init_derivatives(settings.output_dir, settings.bids_dir)
+    configure_nipype(settings)
+    settings.save(Path(settings.output_dir) / "log" / "config-group.json")
+    wf = init_group_wf(settings, found)
+    LOGGER.warning("group level: %s", "; ".join(
+        f"task {t}, {s}, model {m}: {len(r)} participant scans"
+        for (t, s, m), r in sorted(found.items())))
+    _run(wf, settings)
+
+
+def _run(wf: pe.Workflow, settings: Settings) -> None:
     execute(wf, settings)
     plugin = plugin_settings(settings)["plugin"]
     if plugin.endswith("Graph"):
         # Graph plugins (SLURMGraph, SGEGraph...) submit every node as a dependent job and
         # return at once: the outputs appear as the jobs finish.
         LOGGER.warning("submitted the graph to the scheduler (%s); outputs appear in %s as "
-                       "the jobs finish; rerun without --use-plugin for the reports", plugin,
-                       settings.output_dir)
-        return
-    if settings.reports:
-        from ..reports import write_participant_reports
-
-        write_participant_reports(settings, specs)
-
-
-def run_group(settings: Settings) -> None:
-    from ..group_level import run_group_level
-
-    run_group_level(settings)
+                       "the jobs finish", plugin, settings.output_dir)

@@ -1,0 +1,82 @@
+"""Nipype interfaces of the group level (science in group_level.py / group.py)."""
+
+import os
+import pickle
+
+from nipype.interfaces.base import (
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from .base import ThreadedInputSpec, thread_budget
+
+
+class _GroupSummaryInputSpec(ThreadedInputSpec):
+    settings = traits.Dict(mandatory=True, desc="Settings.to_json()")
+    task = traits.Str(mandatory=True)
+    space = traits.Str(mandatory=True)
+    model = traits.Str(mandatory=True, desc="model label as in the file names")
+    networks = InputMultiObject(File(exists=True), mandatory=True,
+                                desc="the participants' *_networks.tsv of this task/model")
+
+
+class _GroupSummaryOutputSpec(TraitedSpec):
+    summary = File(exists=True, desc="pickle of what the model comparison needs")
+    out_files = OutputMultiObject(traits.Str)
+
+
+class GroupSummary(SimpleInterface):
+    """Group t-maps, group labels with their null, noise ceiling: ``group/`` files."""
+
+    input_spec = _GroupSummaryInputSpec
+    output_spec = _GroupSummaryOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..config import Settings
+        from ..group_level import group_summary, record_from_networks
+
+        i = self.inputs
+        records = [record_from_networks(p) for p in i.networks]
+        with thread_budget(i.num_threads):
+            summary = group_summary(Settings.from_dict(i.settings), i.task, i.space, i.model,
+                                    records)
+        path = os.path.join(runtime.cwd, "summary.pkl")
+        keep = ("model", "table", "atoms", "r2_mean", "reliable")
+        with open(path, "wb") as f:
+            pickle.dump({key: summary[key] for key in keep}, f)
+        self._results["summary"] = path
+        self._results["out_files"] = summary["written"]
+        return runtime
+
+
+class _CompareModelsInputSpec(ThreadedInputSpec):
+    output_dir = traits.Str(mandatory=True)
+    task = traits.Str(mandatory=True)
+    space = traits.Str(mandatory=True)
+    summaries = InputMultiObject(File(exists=True), mandatory=True)
+
+
+class _CompareModelsOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class CompareModels(SimpleInterface):
+    """``group/task-<task>_space-<space>_networks-by-model.tsv``."""
+
+    input_spec = _CompareModelsInputSpec
+    output_spec = _CompareModelsOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..group_level import compare_models
+
+        i = self.inputs
+        summaries = []
+        for path in i.summaries:
+            with open(path, "rb") as f:
+                summaries.append(pickle.load(f))
+        self._results["out_file"] = compare_models(i.output_dir, i.task, i.space, summaries)
+        return runtime
