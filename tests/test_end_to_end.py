@@ -168,6 +168,24 @@ def test_reports_and_group_level_are_graph_nodes(full_run):
     assert before == {p: p.stat().st_mtime_ns for p in group.glob("*/result_*.pklz")}
 
 
+def test_two_models_side_by_side(full_run, tmp_path):
+    """--model smollm2 minilm in one call: both branches, then the group model comparison."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    os.symlink(full_run["work"] / "extraction_cache", work / "extraction_cache")
+    common = ["-w", str(work), "--n-null", "100", "--nprocs", "2", "--no-reports"]
+    assert main([str(full_run["bids"]), str(out), "participant", "--participant-label",
+                 "001", "002", "--model", "smollm2", "minilm", *common]) == 0
+    for model in ("smollm2", "minilm"):
+        assert (out / "atoms" / f"task-pieman_model-{model}_atoms.tsv").exists()
+    assert main([str(full_run["bids"]), str(out), "group", *common]) == 0
+    table = pd.read_csv(out / "group" / f"task-pieman_space-{SPACE}_networks-by-model.tsv",
+                        sep="\t")
+    assert set(table["model"]) == {"smollm2", "minilm"}
+    assert list((work / "bids_llm_encode_group_wf" /
+                 f"compare_models_pieman_{SPACE}").glob("result_*.pklz"))
+
+
 def test_kill_during_encoding_then_resume(full_run, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     # share the extraction cache so the test spends its time where the kill happens

@@ -146,8 +146,9 @@ def init_group_wf(settings: Settings, found: dict) -> pe.Workflow:
     cfg = settings.node_inputs()
     by_task = defaultdict(dict)
     for (task, space, model), records in sorted(found.items()):
-        # every participant's story BOLD is held at once (noise ceiling, group null)
-        mem_gb = 1.0 + 6 * len(records) * estimate_mem_gb(300, 1)["encode"]
+        # every participant's story BOLD (a generous 300 TRs x 60,000 voxels) is held at
+        # once, with a few copies per participant in the group null
+        mem_gb = 1.0 + len(records) * 8 * 300 * 60000 * 4 / 1e9
         by_task[(task, space)][model] = _node(GroupSummary(
             settings=cfg, task=task, space=space, model=model,
             networks=[r["networks"] for r in records],
@@ -165,8 +166,8 @@ def init_group_wf(settings: Settings, found: dict) -> pe.Workflow:
     if settings.reports:
         _gather(wf, written, _node(GroupReport(settings=cfg), "report_group", 1.0),
                 "written", "written_group")
-    else:
-        wf.add_nodes([node for node, _ in written])
+    else:  # nodes not connected to anything still have to be in the graph
+        wf.add_nodes([node for node, _ in written if wf.get_node(node.name) is None])
     return wf
 
 
@@ -241,6 +242,24 @@ def configure_nipype(settings: Settings) -> None:
     ncfg.set("logging", "workflow_level", level)
     ncfg.set("logging", "interface_level", "WARNING" if settings.verbose < 2 else "INFO")
     ncfg.set("logging", "utils_level", "WARNING")
+    _share_logging_with_workers(settings, ncfg)
+
+
+def _share_logging_with_workers(settings: Settings, ncfg) -> None:
+    """MultiProc's forkserver workers import nipype afresh and read its config from
+    $NIPYPE_CONFIG_DIR/nipype.cfg, not from this process: without the file they log every
+    node at INFO. A user's own NIPYPE_CONFIG_DIR is left alone."""
+    import os
+
+    if os.environ.get("NIPYPE_CONFIG_DIR") and "BIDS_LLM_ENCODE_NIPYPE_CFG" not in os.environ:
+        return
+    folder = Path(settings.work_dir) / "nipype_config"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["[logging]"] + [f"{key} = {ncfg.get('logging', key)}" for key in
+                             ("workflow_level", "interface_level", "utils_level")]
+    (folder / "nipype.cfg").write_text("\n".join(lines) + "\n")
+    os.environ["NIPYPE_CONFIG_DIR"] = str(folder)
+    os.environ["BIDS_LLM_ENCODE_NIPYPE_CFG"] = "1"  # ours: later runs may rewrite it
 
 
 def execute(wf: pe.Workflow, settings: Settings) -> None:
@@ -304,3 +323,5 @@ def _run(wf: pe.Workflow, settings: Settings) -> None:
         # return at once: the outputs appear as the jobs finish.
         LOGGER.warning("submitted the graph to the scheduler (%s); outputs appear in %s as "
                        "the jobs finish", plugin, settings.output_dir)
+    else:
+        LOGGER.warning("finished %s; outputs in %s", wf.name, settings.output_dir)
