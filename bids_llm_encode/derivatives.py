@@ -29,6 +29,7 @@ BIDSIGNORE = [
     "*_networks.json",
     "*_statmap.json",
     "*_units.tsv",
+    "*_desc-nuisance_timeseries.tsv",
     "*_dictionary.json",
     "*_encoding.json",
     "*.html",

@@ -54,6 +54,8 @@ def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, stor
         "coefs": per_atom(res.coefs[: features.shape[1]], k, delays),
         "alphas": res.alphas, "fold_r2": res.fold_r2,
     }
+    if nuis is not None:  # the labelling null refits exactly this banded model
+        maps.update(nuisance=nuis, band_alphas=res.band_alphas)
     meta = dict(res.meta, n_atoms=k, delays=delays, nuisance=bool(nuisance),
                 nuisance_columns=["word_rate", "silence", "atom_energy"] if nuisance else [],
                 story_trs=[start, stop], geometry=geom.kind, n_features_space=geom.n_features)
@@ -72,7 +74,7 @@ def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, stor
 
 def label_participant(bold, mask, atoms, maps, story, delays=None, atlases=("seitzman2018",),
                       labels=None, threshold=1.96, null="shift", n_null=1000, seed=0):
-    from .networks import label_atoms, load_atlas, shift_null_coefs
+    from .networks import BandedShiftNull, ShiftNull, label_atoms, load_atlas
 
     start, stop = story
     Y, geom = load_bold(bold, mask, slice(start, stop))
@@ -86,15 +88,17 @@ def label_participant(bold, mask, atoms, maps, story, delays=None, atlases=("sei
     if null == "spin":
         table = label_atoms(coefs, r2, atlas_objs,
                             spin_null(geom, n_null=n_null, seed=seed), z=threshold)
-    elif delays:
-        # FIR: null coefficients per delay are summed per atom like the observed ones.
-        null = shift_null_coefs(Y, features, alphas, n_null=n_null, seed=seed)
-        null = np.stack([per_atom(c, k, delays) for c in null])
-        table = label_atoms(coefs, r2, atlas_objs, null, z=threshold)
     else:
-        # Streaming null: never holds n_null x k x V at once.
-        null_obj = shift_null_coefs(Y, features, alphas, n_null=n_null, seed=seed,
-                                    as_array=False)
+        # The null refits the model the encoding fitted: with a nuisance band, the banded
+        # one with each voxel's band penalties. Streaming: never n_null x k x V at once.
+        if "nuisance" in enc:
+            null_obj = BandedShiftNull(Y, features, enc["nuisance"], alphas,
+                                       enc["band_alphas"], n_null=n_null, seed=seed)
+        else:
+            null_obj = ShiftNull(Y, features, alphas, n_null=n_null, seed=seed)
+        if delays:
+            # FIR: null coefficients per delay are summed per atom like the observed ones.
+            null_obj = np.stack([per_atom(c, k, delays) for c in null_obj.to_array()])
         table = label_atoms(coefs, r2, atlas_objs, null_obj, z=threshold)
     table["atom"] = table["atom"] + 1  # 1-based, as atom01.. in the atoms TSV
     meta = {"atlases": [a.name for a in atlas_objs], "threshold_z": threshold, "null": null,
@@ -157,7 +161,15 @@ def write_participant_outputs(output_dir, entities, bold, mask, maps, encoding_m
     written = write_maps(folder, ent, geom, {
         ("r2", "atoms"): enc["r2_atoms"], ("r2", "full"): enc["r2"], ("r", "full"): enc["r"],
         ("effect", "atoms"): enc["coefs"], ("alpha", None): enc["alphas"],
+        **({("alpha", "bands"): enc["band_alphas"]} if "band_alphas" in enc else {}),
     }, sidecar)
+    if "nuisance" in enc:  # what the group level's null refits, with the band penalties
+        name = bids_name("timeseries", ".tsv", sub=ent["sub"], task=ent["task"],
+                         run=ent.get("run"), model=ent["model"], desc="nuisance")
+        columns = encoding_meta.get("nuisance_columns") or [
+            f"nuisance{i}" for i in range(enc["nuisance"].shape[1])]
+        written.append(str(write_tsv(folder / name, pd.DataFrame(
+            enc["nuisance"], columns=columns[: enc["nuisance"].shape[1]]))))
     if geom.kind == "volume":
         mask_name = bids_name("mask", ".nii.gz", sub=ent["sub"], task=ent["task"],
                               run=ent.get("run"), space=ent["space"], desc="brain")

@@ -74,11 +74,16 @@ def test_every_documented_output_exists_and_opens(full_run):
         func = out / f"sub-{sub}" / "func"
         stem = f"sub-{sub}_task-pieman_space-{SPACE}_model-smollm2"
         for stat in ("stat-r2_desc-atoms", "stat-r2_desc-full", "stat-r_desc-full",
-                     "stat-effect_desc-atoms", "stat-alpha"):
+                     "stat-effect_desc-atoms", "stat-alpha", "stat-alpha_desc-bands"):
             img = nib.load(func / f"{stem}_{stat}_statmap.nii.gz")
             assert np.isfinite(img.get_fdata()).any()
             assert json.loads((func / f"{stem}_{stat}_statmap.json").read_text())["Model"]
         assert nib.load(func / f"{stem}_stat-effect_desc-atoms_statmap.nii.gz").shape[3] == 64
+        assert nib.load(func / f"{stem}_stat-alpha_desc-bands_statmap.nii.gz").shape[3] == 2
+        nuis = pd.read_csv(func / f"sub-{sub}_task-pieman_model-smollm2_desc-nuisance_"
+                           "timeseries.tsv", sep="\t")
+        assert list(nuis.columns) == ["word_rate", "silence", "atom_energy"]
+        assert len(nuis) == len(table)  # one row per story TR, like the atoms
         nets = pd.read_csv(func / f"{stem}_networks.tsv", sep="\t")
         assert list(nets.columns[:8]) == ["atom", "atlas", "network", "direction", "dice",
                                           "p", "q", "n_voxels"]
