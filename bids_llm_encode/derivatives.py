@@ -29,7 +29,6 @@ BIDSIGNORE = [
     "*_networks.json",
     "*_statmap.json",
     "*_units.tsv",
-    "*_desc-nuisance_timeseries.tsv",
     "*_dictionary.json",
     "*_encoding.json",
     "*.html",

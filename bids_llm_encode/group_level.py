@@ -115,7 +115,7 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
     from .derivatives import write_image, write_tsv
     from .encoding import noise_ceiling
     from .group import GroupShiftNull, group_labels, group_ttest
-    from .networks import load_atlas
+    from .networks import ShiftNull, load_atlas
     from .outputs import write_maps
     from .pipeline import _load_atlases
 
@@ -142,9 +142,14 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
             and not settings.delays:
         # Too few participants for sign flips: the same circular shift for everyone,
         # refitted with each participant's own penalties (group.GroupShiftNull).
+        # Each participant's atoms refitted alone with its overall penalty, not its banded
+        # model (participant level: networks.BandedShiftNull): the group t is scale-free,
+        # and banded refits, whose atom penalties differ between participants, gave null
+        # t's with heavier tails that swamped the per-voxel null scale (no planted network
+        # found with 3 participants at 8 mm; all of them with this null).
         null = GroupShiftNull([
-            _participant_null(settings, rec, geom, Y, atoms, a)
-            for rec, Y, a in zip(records, Ys, alphas)])
+            ShiftNull(Y, atoms, np.nan_to_num(a, nan=1.0), n_null=settings.n_null,
+                      seed=settings.seed) for Y, a in zip(Ys, alphas)])
         null_kind = "group circular shift"
     table = group_labels(tables, t_map, r2_mean, atlases, null, coef_maps=coefs,
                          z=settings.map_threshold, n_null=settings.n_null, seed=settings.seed)
@@ -179,30 +184,6 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
     return {"model": model, "table": table, "r2_mean": r2_mean, "reliable": reliable,
             "n_participants": len(records), "k": k, "atoms": atoms,
             "written": [str(p) for p in written]}
-
-
-def _participant_null(settings, rec, geom, Y, atoms, alphas):
-    """The participant's shift null, refitting the model its encoding fitted: banded with
-    its nuisance regressors and band penalties when the participant level wrote them."""
-    from .networks import BandedShiftNull, ShiftNull
-
-    folder = Path(rec["folder"])
-    run = f"_run-{rec['run']}" if rec.get("run") else ""
-    nuis = folder / (f"sub-{rec['sub']}_task-{rec['task']}{run}_model-{rec['model']}"
-                     "_desc-nuisance_timeseries.tsv")
-    kwargs = dict(n_null=settings.n_null, seed=settings.seed)
-    if nuis.exists():
-        try:
-            bands = geom.from_images(_stat_paths(rec, "alpha", "bands"))
-        except MissingInputError:
-            bands = None
-        if bands is not None:
-            nuisance = pd.read_csv(nuis, sep="\t").to_numpy(float)
-            if len(nuisance) == len(Y):
-                return BandedShiftNull(Y, atoms, nuisance, alphas, bands, **kwargs)
-    LOGGER.warning("sub-%s: no nuisance regressors / band penalties from the participant "
-                   "level; the group null refits the atoms alone", rec["sub"])
-    return ShiftNull(Y, atoms, np.nan_to_num(alphas, nan=1.0), **kwargs)
 
 
 def _participant_bold(settings, task, space, records, geom):

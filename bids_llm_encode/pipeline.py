@@ -163,13 +163,6 @@ def write_participant_outputs(output_dir, entities, bold, mask, maps, encoding_m
         ("effect", "atoms"): enc["coefs"], ("alpha", None): enc["alphas"],
         **({("alpha", "bands"): enc["band_alphas"]} if "band_alphas" in enc else {}),
     }, sidecar)
-    if "nuisance" in enc:  # what the group level's null refits, with the band penalties
-        name = bids_name("timeseries", ".tsv", sub=ent["sub"], task=ent["task"],
-                         run=ent.get("run"), model=ent["model"], desc="nuisance")
-        columns = encoding_meta.get("nuisance_columns") or [
-            f"nuisance{i}" for i in range(enc["nuisance"].shape[1])]
-        written.append(str(write_tsv(folder / name, pd.DataFrame(
-            enc["nuisance"], columns=columns[: enc["nuisance"].shape[1]]))))
     if geom.kind == "volume":
         mask_name = bids_name("mask", ".nii.gz", sub=ent["sub"], task=ent["task"],
                               run=ent.get("run"), space=ent["space"], desc="brain")

@@ -80,10 +80,6 @@ def test_every_documented_output_exists_and_opens(full_run):
             assert json.loads((func / f"{stem}_{stat}_statmap.json").read_text())["Model"]
         assert nib.load(func / f"{stem}_stat-effect_desc-atoms_statmap.nii.gz").shape[3] == 64
         assert nib.load(func / f"{stem}_stat-alpha_desc-bands_statmap.nii.gz").shape[3] == 2
-        nuis = pd.read_csv(func / f"sub-{sub}_task-pieman_model-smollm2_desc-nuisance_"
-                           "timeseries.tsv", sep="\t")
-        assert list(nuis.columns) == ["word_rate", "silence", "atom_energy"]
-        assert len(nuis) == len(table)  # one row per story TR, like the atoms
         nets = pd.read_csv(func / f"{stem}_networks.tsv", sep="\t")
         assert list(nets.columns[:8]) == ["atom", "atlas", "network", "direction", "dice",
                                           "p", "q", "n_voxels"]
