@@ -4,7 +4,7 @@
 
 Simulates a 2-participant dataset on the real pieman word alignment (957 words) when
 ../shared is present (else the shipped story), on a 4 mm grid, then runs
-``bids_llm_encode ... participant`` for sub-001 with an empty work dir (cold: model load,
+``bids_llm_encode ... participant`` (a fresh process each) for sub-001 with an empty work dir (cold: model load,
 extraction, dictionary, encoding, labels) and for sub-002 with the same work dir (warm:
 the stimulus branch is reused). Baseline named in the same run: the cold run itself —
 the warm/cold ratio is printed, with the targets (cold < 300 s, warm < 60 s on 2 cores)
@@ -17,6 +17,7 @@ import argparse
 import gzip
 import pickle
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +38,6 @@ def node_times(work: Path) -> dict[str, float]:
 
 
 def main() -> int:
-    from bids_llm_encode.cli.run import main as app
     from bids_llm_encode.simulate import simulate_dataset
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -56,8 +56,10 @@ def main() -> int:
         for label, sub in (("cold", "001"), ("warm", "002")):
             before = node_times(tmp / "work") if (tmp / "work").exists() else {}
             t = time.time()
-            code = app([str(tmp / "bids"), str(tmp / "out"), "participant",
-                        "--participant-label", sub, *common])
+            # a fresh process per participant, as a user's (or a cluster job's) run
+            code = subprocess.call([sys.executable, "-m", "bids_llm_encode.cli.run",
+                                    str(tmp / "bids"), str(tmp / "out"), "participant",
+                                    "--participant-label", sub, *common])
             timings[label] = time.time() - t
             assert code == 0, f"{label} run failed ({code})"
             nodes = {k: v for k, v in node_times(tmp / "work").items() if k not in before}

@@ -46,6 +46,7 @@ class Settings:
     # execution
     work_dir: Path | None = None
     nprocs: int | None = None
+    omp_nthreads: int | None = None
     mem_mb: int | None = None
     use_plugin: Path | None = None
     reports: bool = True
@@ -53,8 +54,15 @@ class Settings:
 
     # How and what to run, not what is computed: left out of node inputs, so that running
     # another participant or with more processes finds the finished nodes cached.
-    EXECUTION_ONLY = ("analysis_level", "participant_label", "work_dir", "nprocs", "mem_mb",
-                      "use_plugin", "verbose")
+    EXECUTION_ONLY = ("analysis_level", "participant_label", "work_dir", "nprocs",
+                      "omp_nthreads", "mem_mb", "use_plugin", "verbose")
+
+    def node_threads(self) -> int:
+        """Threads (and MultiProc slots) of each heavy node: --omp-nthreads, else all of
+        --nprocs up to 8 (one participant per job, the cluster case, uses every core)."""
+        import os
+
+        return self.omp_nthreads or max(1, min(8, self.nprocs or os.cpu_count() or 1))
 
     def node_inputs(self) -> dict:
         """The settings a node receives (and hashes): :meth:`to_json` less EXECUTION_ONLY."""

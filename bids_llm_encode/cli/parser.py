@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes for nipype's MultiProc (default: all cores)",
     )
     g.add_argument(
+        "--omp-nthreads", type=_positive_int, metavar="N",
+        help="BLAS/torch threads of each heavy node (extraction, dictionary, encoding, "
+        "labels, group); a node holds that many of the --nprocs cores "
+        "(default: --nprocs, at most 8)",
+    )
+    g.add_argument(
         "--mem-mb", "--mem_mb", type=_positive_int, metavar="MB",
         help="memory nipype may schedule at once (default: 90%% of the machine)",
     )

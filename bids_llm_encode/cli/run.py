@@ -79,6 +79,7 @@ def settings_from_args(args) -> Settings:
         n_null=args.n_null,
         work_dir=work_dir,
         nprocs=args.nprocs,
+        omp_nthreads=args.omp_nthreads,
         mem_mb=args.mem_mb,
         use_plugin=args.use_plugin,
         reports=args.reports,

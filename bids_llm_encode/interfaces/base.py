@@ -23,8 +23,11 @@ def thread_budget(n: int):
         import torch
     except ImportError:  # pragma: no cover
         torch = None
+    import scipy.fft
+
     before = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(limits=max(1, int(n))):
+    # scipy.fft is single-threaded unless told (the shift null's FFTs)
+    with threadpool_limits(limits=max(1, int(n))), scipy.fft.set_workers(max(1, int(n))):
         if torch is not None:
             torch.set_num_threads(max(1, int(n)))
         try:

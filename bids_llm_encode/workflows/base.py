@@ -32,6 +32,9 @@ from ..narratives import find_scans, group_by_stimulus
 from ..timing import story_trs
 
 LOGGER = logging.getLogger("bids_llm_encode.workflow")
+FORKSERVER_PRELOAD = ("torch", "himalaya.backend", "himalaya.ridge", "himalaya.kernel_ridge",
+                      "nibabel", "bids_llm_encode.pipeline", "bids_llm_encode.encoding",
+                      "bids_llm_encode.networks", "bids_llm_encode.dictionary")
 
 
 def _safe(text: str) -> str:
@@ -72,6 +75,7 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
     cfg = settings.node_inputs()
     fir = bool(settings.delays)
     cache_dir = str(Path(settings.work_dir) / "extraction_cache")
+    threads = settings.node_threads()
     sinks_by_subject = defaultdict(list)  # the report of a participant waits for these
     for key, group in group_by_stimulus(specs).items():
         task, stimulus, tr, n_trs, audio_onset = key
@@ -90,11 +94,11 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
                 # FIR: the dictionary sees per-TR responses; delays are applied to the atoms.
                 hrf="none" if fir else settings.hrf, device=settings.device,
                 dtype=settings.dtype, cache_dir=cache_dir, **common,
-            ), f"extract_{stem}", mem["extract"], n_procs=2)
+            ), f"extract_{stem}", mem["extract"], n_procs=threads)
             dictionary = _node(LearnDictionary(
                 n_atoms=settings.n_atoms, alpha=settings.alpha_an, seed=settings.seed,
                 device=settings.device,
-            ), f"dictionary_{stem}", mem["dictionary"], n_procs=2)
+            ), f"dictionary_{stem}", mem["dictionary"], n_procs=threads)
             wf.connect([(extract, dictionary, [("responses", "responses"), ("units", "units")])])
             stim_sink = _node(WriteStimulusOutputs(
                 output_dir=out_dir, task=task, stimulus=stimulus, model=mlabel, tr=tr,
@@ -113,7 +117,7 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
                         model=model, units="mlp-out", context_tokens=settings.context_tokens,
                         hrf=settings.hrf, device=settings.device, dtype=settings.dtype,
                         cache_dir=cache_dir, **common,
-                    ), f"extract_layers_{stem}", mem["extract"], n_procs=2)
+                    ), f"extract_layers_{stem}", mem["extract"], n_procs=threads)
             for spec in group:
                 sink = _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary,
                                         baseline_src, cfg, mem)
@@ -152,7 +156,8 @@ def init_group_wf(settings: Settings, found: dict) -> pe.Workflow:
         by_task[(task, space)][model] = _node(GroupSummary(
             settings=cfg, task=task, space=space, model=model,
             networks=[r["networks"] for r in records],
-        ), f"group_{_safe(task)}_{_safe(space)}_{_safe(model)}", mem_gb, n_procs=2)
+        ), f"group_{_safe(task)}_{_safe(space)}_{_safe(model)}", mem_gb,
+            n_procs=settings.node_threads())
     written = []
     for (task, space), per_model in sorted(by_task.items()):
         written += [(node, "out_files") for node in per_model.values()]
@@ -179,7 +184,8 @@ def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, base
     encode = _node(FitEncoding(
         bold=spec.bold, mask=spec.mask, hrf=settings.hrf, delays=settings.delays,
         folds=settings.folds, gap_s=settings.gap_s, nuisance=settings.nuisance, **common,
-    ), f"encode_{name}", nvox_mem["encode"], crash_dir=crash_dir)
+    ), f"encode_{name}", nvox_mem["encode"], n_procs=settings.node_threads(),
+        crash_dir=crash_dir)
     wf.connect(dictionary, "atoms", encode, "atoms")
     if baseline_src is not None:
         wf.connect([(baseline_src, encode, [("responses", "baseline_responses"),
@@ -189,7 +195,8 @@ def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, base
         trs_stop=common["trs_stop"], delays=settings.delays, atlases=settings.fbn_atlas,
         labels=settings.fbn_labels, threshold=settings.map_threshold, null=settings.null,
         n_null=settings.n_null, seed=settings.seed,
-    ), f"label_{name}", nvox_mem["label"], crash_dir=crash_dir)
+    ), f"label_{name}", nvox_mem["label"], n_procs=settings.node_threads(),
+        crash_dir=crash_dir)
     wf.connect([(dictionary, label, [("atoms", "atoms")]), (encode, label, [("maps", "maps")])])
     entities = {"sub": spec.subject, "task": spec.task, "space": spec.space, "model": mlabel}
     if spec.run is not None:
@@ -219,7 +226,11 @@ def plugin_settings(settings: Settings) -> dict:
             raise AppError(f"--use-plugin {settings.use_plugin}: needs a 'plugin:' entry")
         return {"plugin": data["plugin"], "plugin_args": data.get("plugin_args", {}) or {}}
     # forkserver, not fork: a parent that already ran torch (threads, OpenMP) deadlocks
-    # its forked workers as soon as they use torch.
+    # its forked workers as soon as they use torch. The server imports the heavy modules
+    # once (without running them), so no node pays 3-4 s of imports in a fresh worker.
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(list(FORKSERVER_PRELOAD))
     args = {"n_procs": settings.nprocs or os.cpu_count() or 1, "raise_insufficient": False,
             "mp_context": "forkserver"}
     if settings.mem_mb:
@@ -236,6 +247,11 @@ def configure_nipype(settings: Settings) -> None:
     ncfg.set("execution", "remove_unnecessary_outputs", "false")
     ncfg.set("execution", "stop_on_first_crash", "false")
     ncfg.set("monitoring", "enabled", "false")
+    if settings.use_plugin is None:
+        # MultiProc checks for finished nodes every poll_sleep_duration (2 s by default):
+        # several seconds of idle cores per run of short nodes. Scheduler plugins keep 2 s
+        # (each poll queries the queue).
+        ncfg.set("execution", "poll_sleep_duration", "0.2")
     # nipype resets its loggers from its config when a workflow runs: keep them quiet
     # unless -vv; -v shows each node as it finishes.
     level = {0: "WARNING", 1: "INFO"}.get(settings.verbose, "DEBUG")
