@@ -137,7 +137,8 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
 
 def _gather(wf, sources, dest, dest_field, name):
     """Connect every ``(node, field)`` in ``sources`` into one flat list on ``dest``."""
-    merge = pe.Node(niu.Merge(len(sources), ravel_inputs=True), name=name)
+    merge = pe.Node(niu.Merge(len(sources), ravel_inputs=True), name=name, mem_gb=0.1,
+                    n_procs=1)
     for i, (src, field) in enumerate(sources, start=1):
         wf.connect(src, field, merge, f"in{i}")
     wf.connect(merge, "out", dest, dest_field)
