@@ -4,6 +4,7 @@ import os
 import pickle
 
 from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
     File,
     InputMultiObject,
     OutputMultiObject,
@@ -53,7 +54,7 @@ class GroupSummary(SimpleInterface):
         return runtime
 
 
-class _CompareModelsInputSpec(ThreadedInputSpec):
+class _CompareModelsInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True)
     task = traits.Str(mandatory=True)
     space = traits.Str(mandatory=True)
