@@ -111,23 +111,24 @@ def run_himalaya(X, Y):
     from himalaya.ridge import RidgeCV
     from himalaya.scoring import r2_score
 
-    from bids_llm_encode.encoding import _zscore_train, contiguous_folds, gap_in_trs
+    from bids_llm_encode.compute import zscore_columns
+    from bids_llm_encode.encoding import contiguous_folds, gap_in_trs
 
     set_backend("numpy")
     gap = gap_in_trs(GAP_S, TR)
     params = dict(n_targets_batch=BATCH)
     scores = []
     for train, test in contiguous_folds(np.arange(T), N_FOLDS, gap):
-        Xtr, Xte = _zscore_train(X, train, test)
-        Ytr, Yte = _zscore_train(Y, train, test)
+        Xtr, Xte = zscore_columns(X, train, test)
+        Ytr, Yte = zscore_columns(Y, train, test)
         model = RidgeCV(alphas=ALPHAS, cv=contiguous_folds(train, INNER, gap),
                         solver_params=params)
         model.fit(Xtr, Ytr)
         scores.append(r2_score(Yte, model.predict(Xte)))
         del Ytr, Yte, model
     all_idx = np.arange(T)
-    Xall, _ = _zscore_train(X, all_idx)
-    Yall, _ = _zscore_train(Y, all_idx)
+    Xall, _ = zscore_columns(X, all_idx)
+    Yall, _ = zscore_columns(Y, all_idx)
     model = RidgeCV(alphas=ALPHAS, cv=contiguous_folds(all_idx, INNER, gap), solver_params=params)
     model.fit(Xall, Yall)
     return np.mean(scores, axis=0), model.coef_
@@ -136,13 +137,14 @@ def run_himalaya(X, Y):
 def run_sklearn(X, Y):
     from sklearn.linear_model import RidgeCV
 
-    from bids_llm_encode.encoding import _zscore_train, contiguous_folds, gap_in_trs
+    from bids_llm_encode.compute import zscore_columns
+    from bids_llm_encode.encoding import contiguous_folds, gap_in_trs
 
     gap = gap_in_trs(GAP_S, TR)
     scores = []
     for train, test in contiguous_folds(np.arange(T), N_FOLDS, gap):
-        Xtr, Xte = _zscore_train(X, train, test)
-        Ytr, Yte = _zscore_train(Y, train, test)
+        Xtr, Xte = zscore_columns(X, train, test)
+        Ytr, Yte = zscore_columns(Y, train, test)
         model = RidgeCV(alphas=ALPHAS.astype(np.float64), alpha_per_target=True,
                         fit_intercept=False).fit(Xtr, Ytr)
         pred = model.predict(Xte)
@@ -150,8 +152,8 @@ def run_sklearn(X, Y):
         scores.append(1 - ((Yte - pred) ** 2).sum(0) / sst)
         del Ytr, Yte, model, pred
     all_idx = np.arange(T)
-    Xall, _ = _zscore_train(X, all_idx)
-    Yall, _ = _zscore_train(Y, all_idx)
+    Xall, _ = zscore_columns(X, all_idx)
+    Yall, _ = zscore_columns(Y, all_idx)
     model = RidgeCV(alphas=ALPHAS.astype(np.float64), alpha_per_target=True,
                     fit_intercept=False).fit(Xall, Yall)
     return np.mean(scores, axis=0), model.coef_.T

@@ -102,10 +102,10 @@ def naive_baseline(lm, words: pd.DataFrame, n_trs: int, context: int) -> np.ndar
     """HF model WITH LM head on windows of C tokens, stride C/2, overlap recomputed."""
     import torch
 
-    from bids_llm_encode import extraction as ex
     from bids_llm_encode import timing
+    from bids_llm_encode.extraction.context import tokenize_words
 
-    ids, tok_word = ex._tokenize_words(lm.tokenizer, words["word"].tolist())
+    ids, tok_word = tokenize_words(lm.tokenizer, words["word"].tolist())
     n = len(ids)
     stride = max(1, context // 2)
     per_layer: dict[int, np.ndarray] = {}
@@ -141,13 +141,14 @@ def naive_baseline(lm, words: pd.DataFrame, n_trs: int, context: int) -> np.ndar
 
 def speed(n_words: int, context: int) -> dict:
     from bids_llm_encode import extraction as ex
+    from bids_llm_encode.extraction.context import tokenize_words
 
     words = read_gentle(ALIGN).iloc[:n_words].reset_index(drop=True)
     n_trs = int(words["onset"].max() // TR) + 10
     t0 = time.perf_counter()
     lm = ex.load_model("smollm2", device="cpu")
     t_load = time.perf_counter() - t0
-    n_tokens = len(ex._tokenize_words(lm.tokenizer, words["word"].tolist())[0])
+    n_tokens = len(tokenize_words(lm.tokenizer, words["word"].tolist())[0])
     # warm-up on a few words (allocator, kernels), then the measured runs
     ex.extract_responses(words.iloc[:20], TR, n_trs, device="cpu", progress=False,
                          context_tokens=context)
@@ -173,10 +174,11 @@ def speed(n_words: int, context: int) -> dict:
 def child_rss(n_words: int, n_trs: int, units: str, context: int) -> None:
     """In a fresh process: load the model, then one extraction; print RSS figures as JSON."""
     from bids_llm_encode import extraction as ex
+    from bids_llm_encode.extraction.context import tokenize_words
 
     story = repeated_story(read_gentle(ALIGN), n_words)
     lm = ex.load_model("smollm2", device="cpu")
-    ex._tokenize_words(lm.tokenizer, ["warm", "up"])
+    tokenize_words(lm.tokenizer, ["warm", "up"])
     rss_model = _status_kb("VmRSS")
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
     reset = _reset_peak()
@@ -230,9 +232,9 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from bids_llm_encode import extraction as ex
+    from bids_llm_encode.extraction.models import _set_threads
 
-    ex._set_threads("cpu")
+    _set_threads("cpu")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     s = None if a.skip_speed else speed(300 if a.quick else 957, a.context)

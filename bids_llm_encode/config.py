@@ -82,6 +82,16 @@ class Settings:
         write_json(path, self.to_json())
 
     @classmethod
+    def default(cls, name: str):
+        """The default of field ``name``: the one place every default is written."""
+        f = cls.__dataclass_fields__[name]
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:
+            return f.default_factory()
+        raise KeyError(f"setting {name!r} has no default")
+
+    @classmethod
     def from_dict(cls, data: dict) -> "Settings":
         """The inverse of :meth:`to_json` (nipype nodes receive settings as a dict)."""
         data = dict(data)

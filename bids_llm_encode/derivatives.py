@@ -29,13 +29,11 @@ BIDSIGNORE = [
     "*_networks.json",
     "*_statmap.json",
     "*_units.tsv",
-    "*_dictionary.json",
-    "*_encoding.json",
     "*.html",
+    "atoms/",
     "figures/",
     "group/",
     "log/",
-    "config-*.json",
 ]
 
 
@@ -57,9 +55,19 @@ def model_label(model: str) -> str:
     return "".join(ch for ch in base if ch.isalnum()) or "model"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it into place only on success."""
+    """Yield a temporary path beside ``path``; rename it into place only on success.
+
+    The file gets the permissions any new file gets under the umask (0644 under 0022), not
+    mkstemp's private 0600: collaborators on shared storage must read the derivatives.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -69,6 +77,7 @@ def atomic_path(path: str | os.PathLike):
     os.replace(tmp, tmp_real)
     try:
         yield tmp_real
+        os.chmod(tmp_real, 0o666 & ~_umask())
         os.replace(tmp_real, path)
     except BaseException:
         tmp_real.unlink(missing_ok=True)
@@ -98,13 +107,6 @@ def write_image(path, img) -> Path:
 
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
-    return Path(path)
-
-
-def write_npz(path, **arrays) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
     return Path(path)
 
 

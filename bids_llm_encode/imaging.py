@@ -4,12 +4,11 @@ surfaces (GIFTI per hemisphere, medial-wall NaN vertices excluded)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from .bids_inputs import check_readable
 from .errors import InputDataError
-from .narratives import check_readable
 
 
 @dataclass
@@ -87,9 +86,7 @@ def load_bold(bold: list[str], mask: str | None, tr_slice: slice | None = None):
             raise InputDataError(f"{bold[0]} is not a 4D BOLD series")
         if mask is not None:
             mask_img = nib.load(check_readable(mask))
-            if mask_img.shape[:3] != img.shape[:3] or not np.allclose(
-                mask_img.affine, img.affine, atol=1e-3
-            ):
+            if not same_grid(mask_img, img):
                 raise InputDataError(
                     f"brain mask {mask} (shape {mask_img.shape[:3]}) is not on the grid of "
                     f"{bold[0]} (shape {img.shape[:3]}): use the mask made for this task's grid"
@@ -108,5 +105,7 @@ def load_bold(bold: list[str], mask: str | None, tr_slice: slice | None = None):
     return np.ascontiguousarray(Y), geom
 
 
-def map_paths(written: dict[str, Path]) -> list[str]:
-    return [str(written[k]) for k in sorted(written)]
+def same_grid(a, b, atol: float = 1e-3) -> bool:
+    """Whether two images share one voxel grid (3D shape and affine to ``atol`` mm)."""
+    return tuple(a.shape[:3]) == tuple(b.shape[:3]) and np.allclose(a.affine, b.affine,
+                                                                    atol=atol)

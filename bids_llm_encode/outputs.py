@@ -1,11 +1,13 @@
 """Where every result goes in the derivatives dataset (docs/outputs.md lists them all).
 
-Plain functions called by the sink interfaces; every write is atomic (derivatives.py).
+The writers of the sink interfaces (stimulus atoms, participant maps and tables) and of the
+group step's maps; every write is atomic (derivatives.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +23,13 @@ from .derivatives import (
     write_tsv,
 )
 
-ENTITY_ORDER_SURF = ("hemi",)
+# The networks tables' names, read back by the group step and the reports.
+PARTICIPANT_NETWORKS_RE = re.compile(
+    r"^sub-(?P<sub>[^_]+)_task-(?P<task>[^_]+)(?:_run-(?P<run>\d+))?_space-(?P<space>[^_]+)"
+    r"_model-(?P<model>[A-Za-z0-9]+)_networks\.tsv$")
+GROUP_NETWORKS_RE = re.compile(
+    r"^task-(?P<task>[^_]+)_space-(?P<space>[^_]+)_model-(?P<model>[A-Za-z0-9]+)"
+    r"_networks\.tsv$")
 
 
 def stimulus_prefix(task: str, stimulus: str, model: str) -> str:
@@ -100,8 +108,49 @@ STAT_DESCRIPTIONS = {
 }
 
 
-def entities_of(spec, space: str, model: str) -> dict:
-    ent = {"sub": spec.subject, "task": spec.task, "space": space, "model": model}
-    if spec.run is not None:
-        ent["run"] = spec.run
-    return ent
+def write_participant_outputs(output_dir, entities, bold, mask, maps, encoding_meta,
+                              baseline_maps, networks, networks_meta, dictionary_meta,
+                              settings) -> list[str]:
+    from .imaging import load_bold
+
+    _, geom = load_bold(bold, mask, slice(0, 1))
+    ent = dict(entities)
+    folder = Path(output_dir) / f"sub-{ent['sub']}" / "func"
+    enc = np.load(maps)
+    sidecar = {
+        "Model": ent["model"], "Units": settings.get("units"),
+        "NumberOfAtoms": int(enc["coefs"].shape[0]),
+        "DictionaryAlpha": dictionary_meta.get("alpha"),
+        "Encoding": encoding_meta, "Settings": settings,
+        "SoftwareVersions": software_versions(), "Sources": list(bold),
+    }
+    written = write_maps(folder, ent, geom, {
+        ("r2", "atoms"): enc["r2_atoms"], ("r2", "full"): enc["r2"], ("r", "full"): enc["r"],
+        ("effect", "atoms"): enc["coefs"], ("alpha", None): enc["alphas"],
+        **({("alpha", "bands"): enc["band_alphas"]} if "band_alphas" in enc else {}),
+    }, sidecar)
+    if geom.kind == "volume":
+        mask_name = bids_name("mask", ".nii.gz", sub=ent["sub"], task=ent["task"],
+                              run=ent.get("run"), space=ent["space"], desc="brain")
+        written.append(str(write_image(folder / mask_name, geom.mask_img)))
+    if baseline_maps is not None:
+        base = np.load(baseline_maps)
+        bent = dict(ent, model=f"{ent['model']}layers")
+        written += write_maps(folder, bent, geom, {
+            ("r2", "full"): base["r2"], ("r", "full"): base["r"], ("alpha", None): base["alphas"],
+        }, dict(sidecar, Baseline="layer-wise mlp-out embeddings, PCA-reduced in each "
+                "training fold to the number of atoms"))
+    stem = bids_name("networks", ".tsv", **{k: ent.get(k) for k in
+                                             ("sub", "task", "run", "space", "model")})
+    table = pd.read_csv(networks, sep="\t")
+    written.append(str(write_tsv(folder / stem, table)))
+    written.append(str(write_json(folder / stem.replace(".tsv", ".json"), dict(
+        networks_meta, Columns={
+            "atom": "atom number (1-based, as in the atoms TSV)",
+            "atlas": "functional brain network atlas", "network": "network name",
+            "direction": "activated (coefficients above +z) or deactivated (below -z)",
+            "dice": "Dice overlap of the thresholded map and the network",
+            "p": "null p (circular time shifts refitted, or spins on surfaces)",
+            "q": "Benjamini-Hochberg q across atoms x networks x atlases x directions",
+            "n_voxels": "voxels in the thresholded map"}))))
+    return written

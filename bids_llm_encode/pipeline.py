@@ -1,7 +1,8 @@
 """Glue between files and the science functions, one function per participant-level step.
 
 The nipype interfaces call these; tests call them directly. Each reads its inputs, calls
-the plain science functions (encoding.py, networks.py) and returns arrays/tables.
+the plain science functions (encoding/, networks/) and returns arrays/tables; the writers
+are in outputs.py.
 """
 
 from __future__ import annotations
@@ -9,12 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .bids_inputs import read_gentle, words_in_scan_time
 from .errors import AppError
 from .imaging import load_bold
-from .narratives import read_gentle, words_in_scan_time
 from .timing import fir_delays
-
-BUILTIN_ATLASES = ("seitzman2018", "schaefer2018-7", "schaefer2018-17")
 
 
 def atom_features(atoms: np.ndarray, delays: list[int] | None) -> np.ndarray:
@@ -29,9 +28,9 @@ def per_atom(coefs: np.ndarray, k: int, delays: list[int] | None) -> np.ndarray:
     return coefs.reshape(len(delays), k, -1).sum(0)
 
 
-def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, story, hrf="glover",
-                      delays=None, folds=5, gap_s=10.0, nuisance=True,
-                      baseline_responses=None, baseline_units=None):
+def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, story, *, hrf,
+                      delays, folds, gap_s, nuisance, baseline_responses=None,
+                      baseline_units=None):
     from .encoding import (
         fit_encoding,
         layer_baseline,
@@ -72,16 +71,16 @@ def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, stor
     return {"maps": maps, "meta": meta}, base
 
 
-def label_participant(bold, mask, atoms, maps, story, delays=None, atlases=("seitzman2018",),
-                      labels=None, threshold=1.96, null="shift", n_null=1000, seed=0):
-    from .networks import BandedShiftNull, ShiftNull, label_atoms, load_atlas
+def label_participant(bold, mask, atoms, maps, story, *, delays, atlases, labels, threshold,
+                      null, n_null, seed):
+    from .networks import BandedShiftNull, ShiftNull, label_atoms
 
     start, stop = story
     Y, geom = load_bold(bold, mask, slice(start, stop))
     D = np.load(atoms)
     enc = np.load(maps)
     coefs, r2, alphas = enc["coefs"], enc["r2_atoms"], enc["alphas"]
-    atlas_objs = _load_atlases(atlases, labels, geom, load_atlas)
+    atlas_objs = load_atlases(atlases, labels, geom)
     features = atom_features(D, delays)
     k = D.shape[1]
 
@@ -125,8 +124,10 @@ def spin_null(geom, n_null: int, seed: int):
     return SpinNull.for_vertices(lh, rh, geom.keep, n_null=n_null, seed=seed)
 
 
-def _load_atlases(specs, labels, geom, load_atlas):
+def load_atlases(specs, labels, geom):
     """Every --fbn-atlas on the analysed voxels (volume mask) or vertices (surface keep)."""
+    from .networks import is_named_atlas, load_atlas
+
     if geom.kind == "surface":
         ref, mask = geom.hemi_sizes, geom.keep
     else:
@@ -134,57 +135,6 @@ def _load_atlases(specs, labels, geom, load_atlas):
     label_iter = iter(labels or [])
     out = []
     for spec in specs:
-        lab = None if spec in BUILTIN_ATLASES else next(label_iter, None)
+        lab = None if is_named_atlas(spec) else next(label_iter, None)
         out.append(load_atlas(spec, ref, mask, labels=lab))
     return out
-
-
-def write_participant_outputs(output_dir, entities, bold, mask, maps, encoding_meta,
-                              baseline_maps, networks, networks_meta, dictionary_meta,
-                              settings) -> list[str]:
-    from pathlib import Path
-
-    from .derivatives import bids_name, software_versions, write_image, write_json, write_tsv
-    from .outputs import write_maps
-
-    _, geom = load_bold(bold, mask, slice(0, 1))
-    ent = dict(entities)
-    folder = Path(output_dir) / f"sub-{ent['sub']}" / "func"
-    enc = np.load(maps)
-    sidecar = {
-        "Model": ent["model"], "Units": settings.get("units"),
-        "NumberOfAtoms": int(enc["coefs"].shape[0]),
-        "DictionaryAlpha": dictionary_meta.get("alpha"),
-        "Encoding": encoding_meta, "Settings": settings,
-        "SoftwareVersions": software_versions(), "Sources": list(bold),
-    }
-    written = write_maps(folder, ent, geom, {
-        ("r2", "atoms"): enc["r2_atoms"], ("r2", "full"): enc["r2"], ("r", "full"): enc["r"],
-        ("effect", "atoms"): enc["coefs"], ("alpha", None): enc["alphas"],
-        **({("alpha", "bands"): enc["band_alphas"]} if "band_alphas" in enc else {}),
-    }, sidecar)
-    if geom.kind == "volume":
-        mask_name = bids_name("mask", ".nii.gz", sub=ent["sub"], task=ent["task"],
-                              run=ent.get("run"), space=ent["space"], desc="brain")
-        written.append(str(write_image(folder / mask_name, geom.mask_img)))
-    if baseline_maps is not None:
-        base = np.load(baseline_maps)
-        bent = dict(ent, model=f"{ent['model']}layers")
-        written += write_maps(folder, bent, geom, {
-            ("r2", "full"): base["r2"], ("r", "full"): base["r"], ("alpha", None): base["alphas"],
-        }, dict(sidecar, Baseline="layer-wise mlp-out embeddings, PCA-reduced in each "
-                "training fold to the number of atoms"))
-    stem = bids_name("networks", ".tsv", **{k: ent.get(k) for k in
-                                             ("sub", "task", "run", "space", "model")})
-    table = pd.read_csv(networks, sep="\t")
-    written.append(str(write_tsv(folder / stem, table)))
-    written.append(str(write_json(folder / stem.replace(".tsv", ".json"), dict(
-        networks_meta, Columns={
-            "atom": "atom number (1-based, as in the atoms TSV)",
-            "atlas": "functional brain network atlas", "network": "network name",
-            "direction": "activated (coefficients above +z) or deactivated (below -z)",
-            "dice": "Dice overlap of the thresholded map and the network",
-            "p": "null p (circular time shifts refitted, or spins on surfaces)",
-            "q": "Benjamini-Hochberg q across atoms x networks x atlases x directions",
-            "n_voxels": "voxels in the thresholded map"}))))
-    return written

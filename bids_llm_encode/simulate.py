@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .bids_inputs import VOLUME_SPACE, read_gentle, words_in_scan_time
+from .derivatives import write_json
 from .errors import UsageError
-from .narratives import VOLUME_SPACE, read_gentle, words_in_scan_time
 
-LOGGER = logging.getLogger("bids_llm_encode.simulate")
+LOGGER = logging.getLogger(__name__)
 
 MUSIC_S = 13.0  # like pieman: 13 s of music, story from 15 s
 STORY_ONSET_S = 15.0
@@ -233,7 +234,7 @@ def _simulate_into(
         )
 
     # Raw BIDS tree.
-    _write_json(out / "dataset_description.json", {
+    write_json(out / "dataset_description.json", {
         "Name": f"bids_llm_encode simulated Narratives ({task})",
         "BIDSVersion": "1.8.0",
         "DatasetType": "raw",
@@ -248,7 +249,7 @@ def _simulate_into(
         out / "participants.tsv", sep="\t", index=False
     )
     (out / "code").mkdir(exist_ok=True)
-    _write_json(out / "code" / "scan_exclude.json", {task: {}})
+    write_json(out / "code" / "scan_exclude.json", {task: {}})
     events = pd.DataFrame({
         "onset": [0.0, story_onset],
         "duration": [MUSIC_S, round(story_end - story_onset + 1.0, 2)],
@@ -256,7 +257,7 @@ def _simulate_into(
         "stim_file": [f"{task}_audio.wav"] * 2,
     })
     deriv = out / "derivatives" / "afni-nosmooth"
-    _write_json(deriv / "dataset_description.json", {
+    write_json(deriv / "dataset_description.json", {
         "Name": "afni-nosmooth (simulated)",
         "BIDSVersion": "1.8.0",
         "DatasetType": "derivative",
@@ -272,7 +273,7 @@ def _simulate_into(
         func.mkdir(parents=True, exist_ok=True)
         stem = f"sub-{s}_task-{task}"
         events.to_csv(func / f"{stem}_events.tsv", sep="\t", index=False)
-        _write_json(func / f"{stem}_bold.json", {"RepetitionTime": tr, "TaskName": task})
+        write_json(func / f"{stem}_bold.json", {"RepetitionTime": tr, "TaskName": task})
         pd.DataFrame({"filename": [f"func/{stem}_bold.nii.gz"], "condition": ["n/a"]}).to_csv(
             out / f"sub-{s}" / f"sub-{s}_scans.tsv", sep="\t", index=False
         )
@@ -310,10 +311,5 @@ def _simulate_into(
         "amplitudes": amplitudes,
         "networks": [{k: v for k, v in n.items() if not k.startswith("_")} for n in truth_nets],
     }
-    _write_json(out / "sourcedata" / "ground_truth.json", truth)
+    write_json(out / "sourcedata" / "ground_truth.json", truth)
     return truth
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")

@@ -31,11 +31,14 @@ class TRAccumulator:
     """Running per-TR mean of word-level vectors.
 
     Extraction feeds words in chunks so that (tokens x units) is never held for a whole
-    story; memory is O(n_trs x n_features).
+    story; memory is O(n_trs x n_features). The float64 sums are kept in column blocks and
+    finalised block by block, so :meth:`means` never makes whole-matrix float64 temporaries.
     """
 
-    def __init__(self, n_trs: int, n_features: int):
-        self.sums = np.zeros((n_trs, n_features), dtype=np.float64)
+    def __init__(self, n_trs: int, n_features: int, block: int = 4096):
+        self.n_trs, self.n_features = n_trs, n_features
+        self.bounds = [(lo, min(n_features, lo + block)) for lo in range(0, n_features, block)]
+        self.sums = [np.zeros((n_trs, hi - lo), dtype=np.float64) for lo, hi in self.bounds]
         self.counts = np.zeros(n_trs, dtype=np.int64)
 
     def add(self, tr_index: np.ndarray, values: np.ndarray) -> None:
@@ -43,14 +46,18 @@ class TRAccumulator:
         keep = tr_index >= 0
         if not keep.any():
             return
-        np.add.at(self.sums, tr_index[keep], np.asarray(values, dtype=np.float64)[keep])
+        values = np.asarray(values)[keep]
+        for (lo, hi), sums in zip(self.bounds, self.sums):
+            np.add.at(sums, tr_index[keep], values[:, lo:hi].astype(np.float64))
         np.add.at(self.counts, tr_index[keep], 1)
 
     def means(self) -> np.ndarray:
-        """(n_trs x n_features) float32; TRs with no words are zero."""
-        out = np.zeros_like(self.sums, dtype=np.float32)
+        """(n_trs x n_features) float32; TRs with no words are zero. Frees the sums."""
+        out = np.zeros((self.n_trs, self.n_features), dtype=np.float32)
         has = self.counts > 0
-        out[has] = (self.sums[has] / self.counts[has, None]).astype(np.float32)
+        for i, (lo, hi) in enumerate(self.bounds):
+            out[has, lo:hi] = (self.sums[i][has] / self.counts[has, None]).astype(np.float32)
+            self.sums[i] = None  # free this block's float64 sums now
         return out
 
 

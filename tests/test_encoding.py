@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from scipy.ndimage import gaussian_filter1d
 
-from bids_llm_encode import encoding
+from bids_llm_encode.compute import zscore_columns
 from bids_llm_encode.encoding import (
     EncodingResult,
-    check_mask_matches,
+    baseline,
     contiguous_folds,
     fit_encoding,
     gap_in_trs,
@@ -19,6 +19,7 @@ from bids_llm_encode.encoding import (
     nuisance_regressors,
     nuisance_with_atom_energy,
 )
+from bids_llm_encode.encoding.banded import _alphas_grid, _gammas, _search
 from bids_llm_encode.errors import InputDataError, UsageError
 
 T, K, TR = 300, 16, 2.0
@@ -112,8 +113,8 @@ def test_matches_himalaya_ridgecv_directly(planted_fit):
     D, Y, res = planted_fit["D"], planted_fit["Y"], planted_fit["res"]
     gap = res.meta["gap_trs"]
     train, test = contiguous_folds(np.arange(T), 5, gap)[1]
-    Xtr, Xte = encoding._zscore_train(D.astype(np.float32), train, test)
-    Ytr, Yte = encoding._zscore_train(Y, train, test)
+    Xtr, Xte = zscore_columns(D.astype(np.float32), train, test)
+    Ytr, Yte = zscore_columns(Y, train, test)
     inner = contiguous_folds(train, 3, gap)
     model = RidgeCV(alphas=np.asarray(res.meta["alphas_grid"], dtype=np.float32), cv=inner)
     model.fit(Xtr, Ytr)
@@ -241,13 +242,13 @@ def test_layer_baseline_pca_inside_training_folds(monkeypatch):
     Y = (S / S.std(0) + rng.standard_normal((T, 50))).astype(np.float32)
 
     calls = []
-    real = encoding._fit_pca
+    real = baseline._fit_pca
 
     def spy(X, n):
         calls.append(np.array(X))
         return real(X, n)
 
-    monkeypatch.setattr(encoding, "_fit_pca", spy)
+    monkeypatch.setattr(baseline, "_fit_pca", spy)
     out = layer_baseline(Y, layers, n_components=8, tr=TR, backend="numpy")
     assert len(out.layers) == 3 and out.best_layer == 1
     assert out.layers[1].coefs.shape == (8, 50)
@@ -261,7 +262,7 @@ def test_layer_baseline_pca_inside_training_folds(monkeypatch):
     for li in range(3):
         for f, fold in enumerate(folds):
             train = np.concatenate([np.arange(a, b) for a, b in fold["train"]])
-            Xtr, _ = encoding._zscore_train(layers[li].astype(np.float32), train)
+            Xtr, _ = zscore_columns(layers[li].astype(np.float32), train)
             np.testing.assert_allclose(calls[li * 6 + f], Xtr, atol=1e-6)
         assert calls[li * 6 + 5].shape[0] == T
 
@@ -292,13 +293,13 @@ def test_kernel_form_when_features_exceed_trs():
     assert np.mean(res.r2) > 0.1
     # the kernel search picks the same penalties as the feature search on the same data
     train = np.arange(n)
-    Xz, _ = encoding._zscore_train(D.astype(np.float32), train)
-    Yz, _ = encoding._zscore_train(Y, train)
+    Xz, _ = zscore_columns(D.astype(np.float32), train)
+    Yz, _ = zscore_columns(Y, train)
     cv = contiguous_folds(train, 3, 5)
-    alphas = encoding._alphas_grid(None)
-    g = encoding._gammas(1, 1, 0)
-    d_feat = encoding._search([Xz], Yz, cv, alphas, g, "feature", None, False)
-    d_kern = encoding._search([Xz], Yz, cv, alphas, g, "kernel", None, False)
+    alphas = _alphas_grid(None)
+    g = _gammas(1, 1, 0)
+    d_feat = _search([Xz], Yz, cv, alphas, g, "feature", None, False)
+    d_kern = _search([Xz], Yz, cv, alphas, g, "kernel", None, False)
     np.testing.assert_allclose(d_feat, d_kern, atol=1e-3)
 
 
@@ -344,20 +345,3 @@ def test_nan_voxels_excluded_and_all_nan_error(planted_fit):
     with pytest.raises(InputDataError, match="features contain 1 non-finite"):
         fit_encoding(planted_fit["Y"][:, :3], Dbad, tr=TR)
 
-
-def test_check_mask_matches(tmp_path):
-    nib = pytest.importorskip("nibabel")
-    aff = np.diag([2.0, 2.0, 2.0, 1.0])
-    bold = nib.Nifti1Image(np.zeros((4, 5, 6, 10), np.float32), aff)
-    good = nib.Nifti1Image(np.ones((4, 5, 6), np.uint8), aff)
-    check_mask_matches(bold, good)
-    bold_path, mask_path = tmp_path / "sub-01_bold.nii.gz", tmp_path / "sub-01_mask.nii.gz"
-    nib.save(bold, bold_path)
-    nib.save(nib.Nifti1Image(np.ones((4, 5, 7), np.uint8), aff), mask_path)
-    with pytest.raises(InputDataError, match="sub-01_mask.nii.gz.*sub-01_bold.nii.gz"):
-        check_mask_matches(bold_path, mask_path)
-    shifted = aff.copy()
-    shifted[0, 3] = 3.0
-    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.uint8), shifted), mask_path)
-    with pytest.raises(InputDataError, match="affines"):
-        check_mask_matches(str(bold_path), str(mask_path))

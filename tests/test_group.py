@@ -1,4 +1,4 @@
-"""group.py: group t-maps, group labels with participant counts, nulls, model comparison."""
+"""group/statistics.py: group t-maps, group labels with participant counts, nulls, model comparison."""
 
 from __future__ import annotations
 
@@ -8,17 +8,23 @@ import pytest
 from scipy import stats
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
+from bids_llm_encode.compute import zscore_columns
 from bids_llm_encode.errors import AppError, InputDataError
-from bids_llm_encode.group import (
+from bids_llm_encode.group.statistics import (
     GroupShiftNull,
     SignFlipNull,
     group_labels,
     group_ttest,
     model_comparison,
     participant_counts,
-    reliability_mask,
+    reliable_mask,
 )
-from bids_llm_encode.networks import Atlas, ShiftNull, label_atoms, ridge_coefs, zscore_time
+from bids_llm_encode.networks import Atlas, ShiftNull, label_atoms, ridge_coefs
+
+
+def _zt(a):
+    return zscore_columns(a, dtype=np.float64)[0]
+
 
 SHAPE = (16, 16, 16)
 
@@ -39,7 +45,7 @@ def participant(rng, D, labels, amp, plant=(3, 7)):
     w = np.zeros(V)
     w[labels == plant[0]] = amp * rng.uniform(0.2, 2.0, int(np.sum(labels == plant[0])))
     w[labels == plant[1]] = -amp * rng.uniform(0.2, 2.0, int(np.sum(labels == plant[1])))
-    Y = Y + np.outer(zscore_time(D)[:, 0], w)
+    Y = Y + np.outer(_zt(D)[:, 0], w)
     alphas = 10.0 ** rng.integers(0, 2, V)
     return Y, alphas
 
@@ -205,9 +211,12 @@ def test_participant_counts_hand_case():
     np.testing.assert_allclose(out.fraction, [2 / 3, 1 / 3])
 
 
-def test_reliability_mask():
-    isc = np.array([0.05, 0.2, np.nan, 0.1, 0.3])
-    assert reliability_mask(isc, 0.1).tolist() == [False, True, False, False, True]
+def test_reliable_mask_keeps_voxels_whose_isc_is_above_zero_across_participants():
+    rng = np.random.default_rng(0)
+    isc = rng.normal(0.0, 0.05, (10, 4))
+    isc[:, 1] += 0.2  # reliably positive in every participant
+    isc[:, 3] = np.nan  # no data
+    assert reliable_mask(isc).tolist() == [False, True, False, False]
 
 
 def test_model_comparison():

@@ -22,6 +22,8 @@ import pytest
 from bids_llm_encode import reports
 from bids_llm_encode.config import Settings
 from bids_llm_encode.errors import AppError
+from bids_llm_encode.reports import figures, tables
+from bids_llm_encode.reports.page import CSS_PATH, Page
 
 MNI = "MNI152NLin2009cAsym"
 SHAPE = (10, 12, 10)
@@ -283,9 +285,9 @@ def test_missing_required_outputs(derivatives, tmp_path):
 
 
 def test_atom_numbers_zero_or_one_based():
-    one = reports._atom_numbers(pd.Series([1, 2, 3]), "x")
-    zero = reports._atom_numbers(pd.Series([0, 1, 2]), "x")
-    named = reports._atom_numbers(pd.Series(["atom01", "atom12"]), "x")
+    one = tables.atom_numbers(pd.Series([1, 2, 3]), "x")
+    zero = tables.atom_numbers(pd.Series([0, 1, 2]), "x")
+    named = tables.atom_numbers(pd.Series(["atom01", "atom12"]), "x")
     assert one.tolist() == zero.tolist() == [1, 2, 3]
     assert named.tolist() == [1, 12]
 
@@ -294,8 +296,22 @@ def test_surface_on_bundled_mesh(tmp_path):
     """fsaverage5-sized data draws on nilearn's bundled mesh; other sizes fall back."""
     rng = np.random.default_rng(0)
     png = tmp_path / "surf.png"
-    reports._draw_surface(rng.standard_normal(10242), rng.standard_normal(10242), png,
+    figures.draw_surface(rng.standard_normal(10242), rng.standard_normal(10242), png,
                           "signed", "test", threshold=1.0)
     assert png.read_bytes()[:4] == b"\x89PNG"
-    assert reports._fsaverage_mesh(10242) is not None
-    assert reports._fsaverage_mesh(123) is None
+    assert figures.fsaverage_mesh(10242) is not None
+    assert figures.fsaverage_mesh(123) is None
+
+
+def test_page_embeds_the_style_sheet(tmp_path):
+    """The page carries data/report.css itself (not the fallback), and nothing remote."""
+    assert CSS_PATH.is_file()
+    page = Page(tmp_path, tmp_path / "figures", "a <title>")
+    page.open_section("s1", "Section 1")
+    page.note("a note")
+    page.close_section()
+    page.prepend_summary("Title", [{"scan": "s1", "value": 0.5, "_anchor": "s1"}])
+    html = page.write(tmp_path / "page.html").read_text()
+    assert CSS_PATH.read_text() in html
+    assert "<title>a &lt;title&gt;</title>" in html
+    assert '<a href="#s1">s1</a>' in html and '<td class="num">0.5</td>' in html

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..config import Settings
 from ..errors import EXIT_USAGE
 
 LEVELS = ("participant", "group")
@@ -30,38 +31,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _int_or_auto(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _positive(kind, allow_auto: bool = False):
+    """An argparse type: a number of ``kind`` above 0 (ints: >= 1), or 'auto' if allowed."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        if allow_auto and text == "auto":
+            return text
+        try:
+            value = kind(text)
+        except ValueError:
+            alt = " or 'auto'" if allow_auto else ""
+            raise argparse.ArgumentTypeError(f"expected {noun}{alt}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be {'>= 1' if kind is int else '> 0'}, "
+                                             f"got {value}")
+        return value
+
+    return parse
 
 
-def _float_or_auto(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_positive_int = _positive(int)
+_int_or_auto = _positive(int, allow_auto=True)
+_float_or_auto = _positive(float, allow_auto=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,12 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tasks (stories) to analyse, e.g. pieman (default: all with word alignments)",
     )
     g.add_argument(
-        "--derivatives", default="afni-nosmooth", metavar="NAME_OR_PATH",
+        "--derivatives", default=Settings.default("derivatives"), metavar="NAME_OR_PATH",
         help="preprocessed BOLD to use: afni-nosmooth, afni-smooth or fmriprep under "
         "bids_dir/derivatives, or a path (default: %(default)s)",
     )
     g.add_argument(
-        "--space", default="MNI152NLin2009cAsym",
+        "--space", default=Settings.default("space"),
         choices=["MNI152NLin2009cAsym", "fsaverage6"],
         help="volume (res-native NIfTI) or surface (fsaverage6 GIFTI) data "
         "(default: %(default)s)",
@@ -121,23 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("language model (artificial neurons)")
     g.add_argument(
-        "--model", nargs="+", default=["smollm2"], metavar="MODEL",
+        "--model", nargs="+", default=Settings.default("model"), metavar="MODEL",
         help="one or more models run side by side: 'smollm2' (SmolLM2-135M, Llama "
         "architecture, bundled), 'minilm' (all-MiniLM-L6-v2, BERT, bundled), a local "
-        "Hugging Face folder or GGUF file, or a hub id (needs network) (default: smollm2)",
+        "Hugging Face folder or GGUF file, or a hub id (needs network) (default: " + " ".join(Settings.default("model")) + ")",
     )
     g.add_argument(
-        "--units", default="mlp-out", choices=["mlp-out", "mlp-neurons"],
+        "--units", default=Settings.default("units"), choices=["mlp-out", "mlp-neurons"],
         help="mlp-out: output of every block's feed-forward sub-layer (the paper's unit); "
         "mlp-neurons: intermediate neurons after the activation (default: %(default)s)",
     )
     g.add_argument(
-        "--context-tokens", type=_positive_int, default=512, metavar="N",
+        "--context-tokens", type=_positive_int, default=Settings.default("context_tokens"), metavar="N",
         help="tokens of context each word is read with; causal models see only the past "
         "(default: %(default)s)",
     )
     g.add_argument(
-        "--hrf", default="glover", choices=["glover", "spm"],
+        "--hrf", default=Settings.default("hrf"), choices=["glover", "spm"],
         help="canonical HRF convolved with the per-TR responses (default: %(default)s)",
     )
     g.add_argument(
@@ -145,34 +137,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="use FIR delays (in TRs, e.g. 1 2 3 4) instead of the canonical HRF",
     )
     g.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"],
+        "--device", default=Settings.default("device"), choices=["auto", "cpu", "cuda"],
         help="where to run the model and the dictionary solver (default: %(default)s)",
     )
     g.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        "--dtype", default=Settings.default("dtype"), choices=["float32", "bfloat16", "float16"],
         help="model precision; half precision only on CUDA (default: %(default)s)",
     )
 
     g = p.add_argument_group("dictionary of atoms")
     g.add_argument(
-        "--n-atoms", type=_int_or_auto, default=64, metavar="K|auto",
+        "--n-atoms", type=_int_or_auto, default=Settings.default("n_atoms"), metavar="K|auto",
         help="number of atoms k, or 'auto' to choose from held-out reconstruction and "
         "stability across seeds (default: %(default)s, as in Sun et al. 2024)",
     )
     g.add_argument(
-        "--alpha-an", type=_float_or_auto, default=None, metavar="LAMBDA|auto",
+        "--alpha-an", type=_float_or_auto, default=Settings.default("alpha_an"), metavar="LAMBDA|auto",
         help="L1 penalty on the loadings, or 'auto' (default: a data-scaled value, "
         "recorded in the sidecar)",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=Settings.default("seed"), help="random seed (default: %(default)s)")
 
     g = p.add_argument_group("encoding models")
     g.add_argument(
-        "--folds", type=_positive_int, default=5,
+        "--folds", type=_positive_int, default=Settings.default("folds"),
         help="outer cross-validation folds, contiguous in time (default: %(default)s)",
     )
     g.add_argument(
-        "--gap-s", type=float, default=10.0, metavar="SECONDS",
+        "--gap-s", type=float, default=Settings.default("gap_s"), metavar="SECONDS",
         help="training TRs within this many seconds of a test block are dropped "
         "(default: %(default)s)",
     )
@@ -181,15 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not fit word rate, silence and atom energy as a separate nuisance band",
     )
     g.add_argument(
-        "--baseline", default="none", choices=["none", "layers"],
+        "--baseline", default=Settings.default("baseline"), choices=["none", "layers"],
         help="also fit the layer-wise embedding model on the same folds (default: %(default)s)",
     )
 
     g = p.add_argument_group("network labels")
     g.add_argument(
-        "--fbn-atlas", nargs="+", default=["seitzman2018"], metavar="ATLAS",
+        "--fbn-atlas", nargs="+", default=Settings.default("fbn_atlas"), metavar="ATLAS",
         help="functional network atlases: seitzman2018 (bundled), schaefer2018-7, "
-        "schaefer2018-17 (TemplateFlow), or a dseg path (default: seitzman2018)",
+        "schaefer2018-17 (TemplateFlow), or a dseg path (default: "
+        + " ".join(Settings.default("fbn_atlas")) + ")",
     )
     g.add_argument(
         "--fbn-labels", nargs="+", metavar="FILE",
@@ -197,19 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
         "name per line in index order)",
     )
     g.add_argument(
-        "--map-threshold", type=float, default=1.96, metavar="Z",
+        "--map-threshold", type=float, default=Settings.default("map_threshold"), metavar="Z",
         help="|z| that makes a voxel activated/deactivated in an atom's map; z = the voxel's "
         "coefficient over its null standard deviation (default: %(default)s)",
     )
     g.add_argument(
-        "--null", default="shift", choices=["shift", "spin"],
+        "--null", default=Settings.default("null"), choices=["shift", "spin"],
         help="null for the overlap p: 'shift' = the BOLD circularly shifted in time against "
         "the atoms and refitted (volumes and surfaces); 'spin' = maps rotated on the "
         "sphere (--space fsaverage6 only; needs the fsaverage6 sphere from TemplateFlow "
         "or nilearn, downloaded once) (default: %(default)s)",
     )
     g.add_argument(
-        "--n-null", type=_positive_int, default=1000, metavar="N",
+        "--n-null", type=_positive_int, default=Settings.default("n_null"), metavar="N",
         help="null samples per participant (default: %(default)s)",
     )
 
@@ -241,5 +234,5 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reports", dest="reports", action="store_false",
         help="do not write the HTML reports",
     )
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    g.add_argument("-v", "--verbose", action="count", default=Settings.default("verbose"), help="more logging")
     return p

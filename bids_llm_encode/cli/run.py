@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -17,10 +18,10 @@ from ..errors import (
     MissingInputError,
     UsageError,
 )
-from ..pipeline import BUILTIN_ATLASES
+from ..networks import is_named_atlas
 from .parser import LEVELS, build_parser
 
-LOGGER = logging.getLogger("bids_llm_encode")
+LOGGER = logging.getLogger(__name__)
 
 
 def settings_from_args(args) -> Settings:
@@ -36,7 +37,7 @@ def settings_from_args(args) -> Settings:
     work_dir = (args.work_dir or Path("work")).expanduser().resolve()
     if work_dir == bids_dir or bids_dir in work_dir.parents:
         raise UsageError(f"--work-dir {work_dir} is inside bids_dir; choose a folder outside it")
-    builtin = [a for a in args.fbn_atlas if a in BUILTIN_ATLASES]
+    builtin = [a for a in args.fbn_atlas if is_named_atlas(a)]
     if args.fbn_labels and len(args.fbn_labels) != len(args.fbn_atlas) - len(builtin):
         raise UsageError("--fbn-labels needs one labels file per dseg path given to --fbn-atlas")
     if args.space == "fsaverage6" and builtin:
@@ -48,43 +49,12 @@ def settings_from_args(args) -> Settings:
                          "on volumes use --null shift (the default)")
     if args.use_plugin is not None and not args.use_plugin.exists():
         raise MissingInputError(f"--use-plugin file {args.use_plugin} does not exist")
-    return Settings(
-        bids_dir=bids_dir,
-        output_dir=output_dir,
-        analysis_level=list(args.analysis_level),
-        participant_label=args.participant_label,
-        task_label=args.task_label,
-        derivatives=args.derivatives,
-        space=args.space,
-        exclude=args.exclude,
-        skip_bids_validation=args.skip_bids_validation,
-        model=list(dict.fromkeys(args.model)),
-        units=args.units,
-        context_tokens=args.context_tokens,
-        hrf=args.hrf,
-        delays=args.delays,
-        device=args.device,
-        dtype=args.dtype,
-        n_atoms=args.n_atoms,
-        alpha_an=args.alpha_an,
-        seed=args.seed,
-        folds=args.folds,
-        gap_s=args.gap_s,
-        nuisance=args.nuisance,
-        baseline=args.baseline,
-        fbn_atlas=args.fbn_atlas,
-        fbn_labels=args.fbn_labels,
-        map_threshold=args.map_threshold,
-        null=args.null,
-        n_null=args.n_null,
-        work_dir=work_dir,
-        nprocs=args.nprocs,
-        omp_nthreads=args.omp_nthreads,
-        mem_mb=args.mem_mb,
-        use_plugin=args.use_plugin,
-        reports=args.reports,
-        verbose=args.verbose,
-    )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
+              if hasattr(args, f.name)}
+    values.update(bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir,
+                  analysis_level=list(args.analysis_level),
+                  model=list(dict.fromkeys(args.model)))
+    return Settings(**values)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -96,7 +66,7 @@ def _setup_logging(verbose: int) -> None:
 
 
 def run(settings: Settings) -> int:
-    from ..workflows.base import run_group, run_participant
+    from .workflow import run_group, run_participant
 
     for level in settings.analysis_level:
         if level == "participant":

@@ -1,13 +1,20 @@
-"""What every interface shares: a thread budget equal to the node's ``n_procs``.
+"""What every heavy interface shares: a thread budget equal to the node's ``n_procs``, and
+writing its results into the node's folder.
 
-MultiProc runs several nodes at once in forked workers where numpy/torch are already
-imported, so OMP_NUM_THREADS cannot be set any more; without a limit two nodes on two
-cores would each start two BLAS threads and slow each other down several times.
+MultiProc runs several nodes at once in workers where numpy/torch are already imported,
+so OMP_NUM_THREADS cannot be set any more; without a limit two nodes on two cores would
+each start two BLAS threads and slow each other down several times.
 """
 
-from contextlib import contextmanager
+from __future__ import annotations
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, traits
+import json
+import os
+
+import numpy as np
+from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, traits
+
+from ..compute import thread_budget
 
 
 class ThreadedInputSpec(BaseInterfaceInputSpec):
@@ -15,23 +22,25 @@ class ThreadedInputSpec(BaseInterfaceInputSpec):
                              desc="BLAS / torch threads (the node's n_procs)")
 
 
-@contextmanager
-def thread_budget(n: int):
-    from threadpoolctl import threadpool_limits
+class ThreadedInterface(SimpleInterface):
+    """Runs :meth:`_run` inside the node's thread budget; subclasses implement ``_run``."""
 
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    import scipy.fft
+    def _run_interface(self, runtime):
+        with thread_budget(self.inputs.num_threads):
+            return self._run(runtime)
 
-    before = torch.get_num_threads() if torch is not None else None
-    # scipy.fft is single-threaded unless told (the shift null's FFTs)
-    with threadpool_limits(limits=max(1, int(n))), scipy.fft.set_workers(max(1, int(n))):
-        if torch is not None:
-            torch.set_num_threads(max(1, int(n)))
-        try:
-            yield
-        finally:
-            if torch is not None:
-                torch.set_num_threads(before)
+    def _run(self, runtime):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def save_json(runtime, name: str, obj) -> str:
+        path = os.path.join(runtime.cwd, name)
+        with open(path, "w") as fh:
+            json.dump(obj, fh, indent=2, default=str)
+        return path
+
+    @staticmethod
+    def save_npz(runtime, name: str, arrays: dict) -> str:
+        path = os.path.join(runtime.cwd, name)
+        np.savez(path, **arrays)
+        return path

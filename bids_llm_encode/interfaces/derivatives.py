@@ -1,6 +1,7 @@
 """Nipype interfaces that write results into the derivatives dataset (atomically)."""
 
 import json
+from pathlib import Path
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -26,7 +27,7 @@ class _StimSinkInputSpec(BaseInterfaceInputSpec):
     units = File(exists=True, mandatory=True)
     dictionary_meta = File(exists=True, mandatory=True)
     extraction_meta = File(exists=True, mandatory=True)
-    settings = traits.Dict()
+    settings = traits.Dict(mandatory=True)
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -52,14 +53,14 @@ class _PartSinkInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True)
     entities = traits.Dict(mandatory=True)
     bold = InputMultiObject(File(exists=True), mandatory=True)
-    mask = traits.Either(None, File(exists=True), default=None, usedefault=True)
+    mask = traits.Either(None, File(exists=True), mandatory=True)
     maps = File(exists=True, mandatory=True)
     encoding_meta = File(exists=True, mandatory=True)
     baseline_maps = traits.Either(None, File(exists=True), default=None, usedefault=True)
     networks = File(exists=True, mandatory=True)
     networks_meta = File(exists=True, mandatory=True)
     dictionary_meta = File(exists=True, mandatory=True)
-    settings = traits.Dict()
+    settings = traits.Dict(mandatory=True)
 
 
 class WriteParticipantOutputs(SimpleInterface):
@@ -67,13 +68,17 @@ class WriteParticipantOutputs(SimpleInterface):
     output_spec = _SinkOutputSpec
 
     def _run_interface(self, runtime):
-        from ..pipeline import write_participant_outputs
+        from ..outputs import write_participant_outputs
 
         i = self.inputs
         self._results["out_files"] = write_participant_outputs(
             output_dir=i.output_dir, entities=i.entities, bold=list(i.bold), mask=i.mask,
-            maps=i.maps, encoding_meta=json.load(open(i.encoding_meta)),
+            maps=i.maps, encoding_meta=_read_json(i.encoding_meta),
             baseline_maps=i.baseline_maps, networks=i.networks,
-            networks_meta=json.load(open(i.networks_meta)),
-            dictionary_meta=json.load(open(i.dictionary_meta)), settings=i.settings)
+            networks_meta=_read_json(i.networks_meta),
+            dictionary_meta=_read_json(i.dictionary_meta), settings=i.settings)
         return runtime
+
+
+def _read_json(path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,27 +1,25 @@
 """Nipype interface: AN regressors -> sparse dictionary (atoms, loadings, sub-groups)."""
 
-import json
 import os
 
 import numpy as np
 import pandas as pd
 from nipype.interfaces.base import (
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
-from .base import ThreadedInputSpec, thread_budget
+from .base import ThreadedInputSpec, ThreadedInterface
 
 
 class _DictInputSpec(ThreadedInputSpec):
     responses = File(exists=True, mandatory=True)
     units = File(exists=True, mandatory=True)
-    n_atoms = traits.Either(traits.Int, traits.Str, default=64, usedefault=True)
-    alpha = traits.Either(None, traits.Float, traits.Str, default=None, usedefault=True)
-    seed = traits.Int(0, usedefault=True)
-    device = traits.Str("auto", usedefault=True)
+    n_atoms = traits.Either(traits.Int, traits.Str, mandatory=True)
+    alpha = traits.Either(None, traits.Float, traits.Str, mandatory=True)
+    seed = traits.Int(mandatory=True)
+    device = traits.Str(mandatory=True)
 
 
 class _DictOutputSpec(TraitedSpec):
@@ -31,20 +29,17 @@ class _DictOutputSpec(TraitedSpec):
     meta = File(exists=True, desc="dictionary sidecar incl. fit statistics (JSON)")
 
 
-class LearnDictionary(SimpleInterface):
+class LearnDictionary(ThreadedInterface):
     """Learn k unit-norm atoms with L1-sparse loadings over the ANs."""
 
     input_spec = _DictInputSpec
     output_spec = _DictOutputSpec
 
-    def _run_interface(self, runtime):
-        with thread_budget(self.inputs.num_threads):
-            return self._run(runtime)
-
     def _run(self, runtime):
         import scipy.sparse as sp
 
-        from ..dictionary import learn_dictionary, subgroup_table
+        from ..dictionary.learn import learn_dictionary
+        from ..dictionary.subgroups import subgroup_table
 
         inp = self.inputs
         X = np.load(inp.responses)
@@ -62,7 +57,6 @@ class LearnDictionary(SimpleInterface):
         subgroup_table(res, units).to_csv(out["subgroups"], sep="\t", index=False)
         meta = dict(res.meta, stats=res.stats, n_ans=int(X.shape[1]),
                     n_dropped_constant=int((~res.kept).sum()))
-        with open(out["meta"], "w") as f:
-            json.dump(meta, f, indent=2, default=str)
+        self.save_json(runtime, "dictionary.json", meta)
         self._results.update(out)
         return runtime

@@ -1,23 +1,19 @@
 """Nipype interface: one participant's BOLD + the stimulus atoms -> cross-validated maps."""
 
-import json
-import os
-
 import numpy as np
 from nipype.interfaces.base import (
     File,
     InputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
-from .base import ThreadedInputSpec, thread_budget
+from .base import ThreadedInputSpec, ThreadedInterface
 
 
 class _EncodeInputSpec(ThreadedInputSpec):
     bold = InputMultiObject(File(exists=True), mandatory=True, desc="NIfTI, or L+R GIFTI")
-    mask = traits.Either(None, File(exists=True), default=None, usedefault=True)
+    mask = traits.Either(None, File(exists=True), mandatory=True)
     atoms = File(exists=True, mandatory=True)
     alignment = File(exists=True, mandatory=True)
     audio_onset = traits.Float(mandatory=True)
@@ -25,11 +21,12 @@ class _EncodeInputSpec(ThreadedInputSpec):
     n_trs = traits.Int(mandatory=True)
     trs_start = traits.Int(mandatory=True)
     trs_stop = traits.Int(mandatory=True)
-    hrf = traits.Str("glover", usedefault=True)
-    delays = traits.Either(None, traits.List(traits.Int), default=None, usedefault=True)
-    folds = traits.Int(5, usedefault=True)
-    gap_s = traits.Float(10.0, usedefault=True)
-    nuisance = traits.Bool(True, usedefault=True)
+    hrf = traits.Str(mandatory=True)
+    delays = traits.Either(None, traits.List(traits.Int), mandatory=True)
+    folds = traits.Int(mandatory=True)
+    gap_s = traits.Float(mandatory=True)
+    nuisance = traits.Bool(mandatory=True)
+    # connected from the extraction only with --baseline layers
     baseline_responses = traits.Either(None, File(exists=True), default=None, usedefault=True)
     baseline_units = traits.Either(None, File(exists=True), default=None, usedefault=True)
 
@@ -40,15 +37,11 @@ class _EncodeOutputSpec(TraitedSpec):
     baseline_maps = traits.Either(None, File(exists=True))
 
 
-class FitEncoding(SimpleInterface):
+class FitEncoding(ThreadedInterface):
     """Nested-CV ridge of every voxel on the atoms (+ nuisance band)."""
 
     input_spec = _EncodeInputSpec
     output_spec = _EncodeOutputSpec
-
-    def _run_interface(self, runtime):
-        with thread_budget(self.inputs.num_threads):
-            return self._run(runtime)
 
     def _run(self, runtime):
         from ..pipeline import fit_atom_encoding
@@ -62,14 +55,8 @@ class FitEncoding(SimpleInterface):
             nuisance=inp.nuisance, baseline_responses=inp.baseline_responses,
             baseline_units=inp.baseline_units,
         )
-        maps = os.path.join(runtime.cwd, "encoding.npz")
-        np.savez(maps, **res["maps"])
-        meta = os.path.join(runtime.cwd, "encoding.json")
-        with open(meta, "w") as f:
-            json.dump(res["meta"], f, indent=2, default=str)
-        self._results.update(maps=maps, meta=meta, baseline_maps=None)
-        if base is not None:
-            bpath = os.path.join(runtime.cwd, "baseline.npz")
-            np.savez(bpath, **base)
-            self._results["baseline_maps"] = bpath
+        self._results.update(
+            maps=self.save_npz(runtime, "encoding.npz", res["maps"]),
+            meta=self.save_json(runtime, "encoding.json", res["meta"]),
+            baseline_maps=None if base is None else self.save_npz(runtime, "baseline.npz", base))
         return runtime

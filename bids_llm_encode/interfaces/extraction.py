@@ -1,17 +1,15 @@
 """Nipype interface: words of one stimulus -> artificial-neuron regressors (story TRs)."""
 
-import json
 import os
 
 import numpy as np
 from nipype.interfaces.base import (
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
-from .base import ThreadedInputSpec, thread_budget
+from .base import ThreadedInputSpec, ThreadedInterface
 
 
 class _ExtractInputSpec(ThreadedInputSpec):
@@ -21,13 +19,12 @@ class _ExtractInputSpec(ThreadedInputSpec):
     n_trs = traits.Int(mandatory=True)
     trs_start = traits.Int(mandatory=True, desc="first story TR")
     trs_stop = traits.Int(mandatory=True, desc="one past the last story TR")
-    model = traits.Str("smollm2", usedefault=True)
-    units = traits.Enum("mlp-out", "mlp-neurons", usedefault=True)
-    context_tokens = traits.Int(512, usedefault=True)
-    hrf = traits.Str("glover", usedefault=True)
-    delays = traits.Either(None, traits.List(traits.Int), default=None, usedefault=True)
-    device = traits.Str("auto", usedefault=True)
-    dtype = traits.Str("float32", usedefault=True)
+    model = traits.Str(mandatory=True)
+    units = traits.Enum("mlp-out", "mlp-neurons", mandatory=True)
+    context_tokens = traits.Int(mandatory=True)
+    hrf = traits.Str(mandatory=True)
+    device = traits.Str(mandatory=True)
+    dtype = traits.Str(mandatory=True)
     cache_dir = traits.Str(desc="cross-run cache of extracted responses")
 
 
@@ -37,25 +34,21 @@ class _ExtractOutputSpec(TraitedSpec):
     meta = File(exists=True, desc="extraction sidecar (JSON)")
 
 
-class ExtractResponses(SimpleInterface):
+class ExtractResponses(ThreadedInterface):
     """Run the LLM over the story and record every artificial neuron per TR."""
 
     input_spec = _ExtractInputSpec
     output_spec = _ExtractOutputSpec
 
-    def _run_interface(self, runtime):
-        with thread_budget(self.inputs.num_threads):
-            return self._run(runtime)
-
     def _run(self, runtime):
-        from ..extraction import extract_responses
-        from ..narratives import read_gentle, words_in_scan_time
+        from ..bids_inputs import read_gentle, words_in_scan_time
+        from ..extraction.responses import extract_responses
 
         inp = self.inputs
         words = words_in_scan_time(read_gentle(inp.alignment), inp.audio_onset)
         resp = extract_responses(
             words, inp.tr, inp.n_trs, model=inp.model, units=inp.units,
-            context_tokens=inp.context_tokens, hrf_model=inp.hrf, delays=inp.delays or None,
+            context_tokens=inp.context_tokens, hrf_model=inp.hrf,
             device=inp.device, dtype=inp.dtype,
             cache_dir=inp.cache_dir or None, progress=False,
         )
@@ -64,8 +57,7 @@ class ExtractResponses(SimpleInterface):
                dict(responses="responses.npy", units="units.tsv", meta="extraction.json").items()}
         np.save(out["responses"], X.astype(np.float32))
         resp.units.to_csv(out["units"], sep="\t", index=False)
-        meta = dict(resp.meta, story_trs=[inp.trs_start, inp.trs_stop])
-        with open(out["meta"], "w") as f:
-            json.dump(meta, f, indent=2, default=str)
+        self.save_json(runtime, "extraction.json",
+                       dict(resp.meta, story_trs=[inp.trs_start, inp.trs_stop]))
         self._results.update(out)
         return runtime

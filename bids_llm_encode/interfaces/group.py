@@ -1,4 +1,4 @@
-"""Nipype interfaces of the group level (science in group_level.py / group.py)."""
+"""Nipype interfaces of the group level (science in group/summary.py and group/statistics.py)."""
 
 import os
 import pickle
@@ -13,7 +13,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from .base import ThreadedInputSpec, thread_budget
+from .base import ThreadedInputSpec, ThreadedInterface
 
 
 class _GroupSummaryInputSpec(ThreadedInputSpec):
@@ -30,21 +30,20 @@ class _GroupSummaryOutputSpec(TraitedSpec):
     out_files = OutputMultiObject(traits.Str)
 
 
-class GroupSummary(SimpleInterface):
+class GroupSummary(ThreadedInterface):
     """Group t-maps, group labels with their null, noise ceiling: ``group/`` files."""
 
     input_spec = _GroupSummaryInputSpec
     output_spec = _GroupSummaryOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         from ..config import Settings
-        from ..group_level import group_summary, record_from_networks
+        from ..group.summary import group_summary, record_from_networks
 
         i = self.inputs
         records = [record_from_networks(p) for p in i.networks]
-        with thread_budget(i.num_threads):
-            summary = group_summary(Settings.from_dict(i.settings), i.task, i.space, i.model,
-                                    records)
+        summary = group_summary(Settings.from_dict(i.settings), i.task, i.space, i.model,
+                                records)
         path = os.path.join(runtime.cwd, "summary.pkl")
         keep = ("model", "table", "atoms", "r2_mean", "reliable")
         with open(path, "wb") as f:
@@ -72,7 +71,7 @@ class CompareModels(SimpleInterface):
     output_spec = _CompareModelsOutputSpec
 
     def _run_interface(self, runtime):
-        from ..group_level import compare_models
+        from ..group.summary import compare_models
 
         i = self.inputs
         summaries = []

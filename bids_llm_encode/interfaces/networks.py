@@ -1,33 +1,31 @@
 """Nipype interface: an atom coefficient maps -> network labels with Dice, p and q."""
 
-import json
 import os
 
 from nipype.interfaces.base import (
     File,
     InputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
-from .base import ThreadedInputSpec, thread_budget
+from .base import ThreadedInputSpec, ThreadedInterface
 
 
 class _LabelInputSpec(ThreadedInputSpec):
     bold = InputMultiObject(File(exists=True), mandatory=True)
-    mask = traits.Either(None, File(exists=True), default=None, usedefault=True)
+    mask = traits.Either(None, File(exists=True), mandatory=True)
     atoms = File(exists=True, mandatory=True)
     maps = File(exists=True, mandatory=True, desc="encoding npz")
     trs_start = traits.Int(mandatory=True)
     trs_stop = traits.Int(mandatory=True)
-    delays = traits.Either(None, traits.List(traits.Int), default=None, usedefault=True)
-    atlases = traits.List(traits.Str, ["seitzman2018"], usedefault=True)
-    labels = traits.Either(None, traits.List(traits.Str), default=None, usedefault=True)
-    threshold = traits.Float(1.96, usedefault=True)
-    null = traits.Str("shift", usedefault=True)
-    n_null = traits.Int(1000, usedefault=True)
-    seed = traits.Int(0, usedefault=True)
+    delays = traits.Either(None, traits.List(traits.Int), mandatory=True)
+    atlases = traits.List(traits.Str, mandatory=True)
+    labels = traits.Either(None, traits.List(traits.Str), mandatory=True)
+    threshold = traits.Float(mandatory=True)
+    null = traits.Str(mandatory=True)
+    n_null = traits.Int(mandatory=True)
+    seed = traits.Int(mandatory=True)
 
 
 class _LabelOutputSpec(TraitedSpec):
@@ -35,15 +33,11 @@ class _LabelOutputSpec(TraitedSpec):
     meta = File(exists=True)
 
 
-class LabelNetworks(SimpleInterface):
+class LabelNetworks(ThreadedInterface):
     """Threshold each atom's map, compare with FBN atlases, null p and FDR q."""
 
     input_spec = _LabelInputSpec
     output_spec = _LabelOutputSpec
-
-    def _run_interface(self, runtime):
-        with thread_budget(self.inputs.num_threads):
-            return self._run(runtime)
 
     def _run(self, runtime):
         from ..pipeline import label_participant
@@ -57,8 +51,5 @@ class LabelNetworks(SimpleInterface):
         )
         out = os.path.join(runtime.cwd, "networks.tsv")
         table.to_csv(out, sep="\t", index=False, na_rep="n/a")
-        mpath = os.path.join(runtime.cwd, "networks.json")
-        with open(mpath, "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-        self._results.update(networks=out, meta=mpath)
+        self._results.update(networks=out, meta=self.save_json(runtime, "networks.json", meta))
         return runtime

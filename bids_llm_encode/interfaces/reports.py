@@ -28,7 +28,7 @@ class ParticipantReport(SimpleInterface):
 
     def _run_interface(self, runtime):
         from ..config import Settings
-        from ..reports import ScanRef, write_participant_reports
+        from ..reports.participant import ScanRef, write_participant_reports
 
         settings = Settings.from_dict(self.inputs.settings)
         scans = [ScanRef(**s) for s in self.inputs.scans]
@@ -47,7 +47,7 @@ class GroupReport(SimpleInterface):
 
     def _run_interface(self, runtime):
         from ..config import Settings
-        from ..reports import write_group_report
+        from ..reports.group import write_group_report
 
         self._results["out_report"] = str(
             write_group_report(Settings.from_dict(self.inputs.settings)))

@@ -1,7 +1,7 @@
-"""The ``group`` analysis level: read participant outputs, summarise, compare models.
+"""The group pipeline step: read participant outputs, summarise them, compare models.
 
 One summary per task x space x model, then one model comparison per task x space (each a
-node of the group graph, ``workflows.base.init_group_wf``). It reads only what the
+node of the group graph, ``workflows.group.init_group_wf``). It reads only what the
 participant level wrote into output_dir (and the participants' BOLD from bids_dir for the
 leave-one-out noise ceiling).
 """
@@ -9,28 +9,22 @@ leave-one-out noise ceiling).
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import InputDataError, MissingInputError
+from ..errors import InputDataError, MissingInputError
+from ..outputs import PARTICIPANT_NETWORKS_RE
 
-LOGGER = logging.getLogger("bids_llm_encode.group")
-
-_NETWORKS_RE = re.compile(
-    r"sub-(?P<sub>[^_]+)_task-(?P<task>[^_]+)(?:_run-(?P<run>\d+))?_space-(?P<space>[^_]+)"
-    r"_model-(?P<model>[^_]+)_networks\.tsv$"
-)
-
+LOGGER = logging.getLogger(__name__)
 
 def record_from_networks(path) -> dict | None:
     """{sub, task, run, space, model, networks, prefix, folder} of a participant's
     ``*_networks.tsv``; None for a file that is not one."""
     path = Path(path)
-    m = _NETWORKS_RE.search(path.name)
+    m = PARTICIPANT_NETWORKS_RE.match(path.name)
     if not m:
         return None
     info = m.groupdict()
@@ -80,7 +74,7 @@ def common_geometry(records: list[dict]):
     """Intersection of the participants' analysis masks (volumes on one grid)."""
     import nibabel as nib
 
-    from .imaging import Geometry
+    from ..imaging import Geometry, same_grid
 
     first = records[0]
     if _stat_paths(first, "r2", "atoms")[0].endswith(".gii"):
@@ -96,7 +90,7 @@ def common_geometry(records: list[dict]):
         img = nib.load(_stat_paths(rec, "r2", "atoms")[0])
         if ref is None:
             ref = img
-        elif img.shape != ref.shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
+        elif img.shape != ref.shape or not same_grid(img, ref):
             raise InputDataError(
                 f"participant maps of sub-{rec['sub']} are on another grid than sub-"
                 f"{first['sub']}'s: the group level needs one grid (use one protocol's "
@@ -112,12 +106,12 @@ SIGN_FLIP_MIN_PARTICIPANTS = 8  # 2^8 sign patterns: min p 0.004, enough for FDR
 
 def group_summary(settings, task: str, space: str, model: str, records: list[dict]) -> dict:
     """Group t-maps, group labels, noise ceiling; writes group/ files; returns a summary."""
-    from .derivatives import write_image, write_tsv
-    from .encoding import noise_ceiling
-    from .group import GroupShiftNull, group_labels, group_ttest
-    from .networks import ShiftNull, load_atlas
-    from .outputs import write_maps
-    from .pipeline import _load_atlases
+    from ..derivatives import write_image, write_tsv
+    from ..encoding import noise_ceiling
+    from ..networks import ShiftNull
+    from ..outputs import write_maps
+    from ..pipeline import load_atlases
+    from .statistics import GroupShiftNull, group_labels, group_ttest, reliable_mask
 
     out = Path(settings.output_dir) / "group"
     geom, mask_img = common_geometry(records)
@@ -133,7 +127,7 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
     k = coefs[0].shape[0]
     t_map, _ = group_ttest(coefs)
     r2_mean = np.nanmean(np.stack(r2s), 0)
-    atlases = _load_atlases(settings.fbn_atlas, settings.fbn_labels, geom, load_atlas)
+    atlases = load_atlases(settings.fbn_atlas, settings.fbn_labels, geom)
     Ys = _participant_bold(settings, task, space, records, geom)
     atoms = _read_atoms(settings.output_dir, task, model)
 
@@ -189,9 +183,9 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
 def _participant_bold(settings, task, space, records, geom):
     """Each participant's story BOLD on the common voxels, or None when it cannot be had
     (fewer than 2 participants, or stories of different lengths)."""
-    from .imaging import load_bold
-    from .narratives import find_scans
-    from .timing import story_trs
+    from ..bids_inputs import find_scans
+    from ..imaging import load_bold
+    from ..timing import story_trs
 
     subjects = sorted({r["sub"] for r in records})
     if len(subjects) < 2:
@@ -212,16 +206,6 @@ def _participant_bold(settings, task, space, records, geom):
                        task)
         return None
     return Ys
-
-
-def reliable_mask(isc_per_participant: np.ndarray) -> np.ndarray:
-    """Voxels whose leave-one-out ISC is > 0 across participants (one-sided t, p < .05)."""
-    from scipy import stats
-
-    per = np.asarray(isc_per_participant, float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t, p = stats.ttest_1samp(per, 0.0, axis=0, alternative="greater", nan_policy="omit")
-    return np.nan_to_num(np.asarray(p), nan=1.0) < 0.05
 
 
 def _to_common(Y, g, geom):
@@ -245,8 +229,8 @@ def _read_atoms(output_dir, task, model):
 
 def compare_models(output_dir, task: str, space: str, summaries: list[dict]) -> str:
     """``group/task-<task>_space-<space>_networks-by-model.tsv`` from group_summary()s."""
-    from .derivatives import write_tsv
-    from .group import model_comparison
+    from ..derivatives import write_tsv
+    from .statistics import model_comparison
 
     table = model_comparison({
         s["model"]: dict(labels=s["table"], atoms=s["atoms"], r2_maps=[s["r2_mean"]],

@@ -1,4 +1,4 @@
-"""Group statistics across participants and comparison across models (METHOD.md step 6).
+"""Group statistics across participants and comparison across models (docs/method.md, group level).
 
 * :func:`group_ttest` -- one-sample t across participants, per atom and voxel.
 * :func:`group_labels` -- per atom x direction x atlas x network: in how many participants
@@ -18,7 +18,7 @@
     participants, so this keeps the shared structure). Needs every participant's BOLD and
     atoms at the group stage.
 * :func:`model_comparison` -- one row per model, side by side.
-* :func:`reliability_mask` -- voxels whose noise ceiling (ISC) passes a threshold.
+* :func:`reliable_mask` -- voxels whose leave-one-out ISC is reliably above zero.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = [
     "group_ttest",
     "model_comparison",
     "participant_counts",
-    "reliability_mask",
+    "reliable_mask",
 ]
 
 KEYS = ["atom", "atlas", "network", "direction"]
@@ -254,12 +254,14 @@ def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
     return out[first + rest]
 
 
-def reliability_mask(isc, threshold: float) -> np.ndarray:
-    """Boolean mask of voxels whose noise ceiling ``isc`` (e.g. leave-one-subject-out ISC)
-    is finite and strictly above ``threshold``."""
-    isc = np.asarray(isc, float)
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(isc) & (isc > float(threshold))
+def reliable_mask(isc_per_participant: np.ndarray) -> np.ndarray:
+    """Voxels whose leave-one-out ISC is > 0 across participants (one-sided t, p < .05)."""
+    from scipy import stats
+
+    per = np.asarray(isc_per_participant, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t, p = stats.ttest_1samp(per, 0.0, axis=0, alternative="greater", nan_policy="omit")
+    return np.nan_to_num(np.asarray(p), nan=1.0) < 0.05
 
 
 def _atoms_per_network(sig: pd.DataFrame, multi_atlas: bool) -> str:

@@ -1,4 +1,5 @@
-"""The Narratives query layer: one place that turns a BIDS tree into what the stages need.
+"""The pybids query layer: one place that turns a BIDS tree (Narratives-shaped) into what
+the stages need.
 
 ``find_scans(...)`` returns one :class:`ScanSpec` per participant x scan, with the BOLD
 file(s), brain mask, TR (always read from the sidecar: 1.52 s milkyway-synonyms scans
@@ -32,7 +33,7 @@ from .errors import (
     UsageError,
 )
 
-LOGGER = logging.getLogger("bids_llm_encode.narratives")
+LOGGER = logging.getLogger(__name__)
 
 DERIVATIVES = ("afni-nosmooth", "afni-smooth", "fmriprep")
 VOLUME_SPACE = "MNI152NLin2009cAsym"
@@ -299,26 +300,10 @@ def find_scans(
         except Exception as err:  # pybids raises its own BIDSValidationError
             raise BidsValidationError(f"{bids_dir}: pybids cannot index it ({err})") from None
 
-    subjects = layout.get_subjects()
-    wanted = normalise_labels(participant_labels, "sub-")
-    if wanted:
-        unknown = sorted(set(wanted) - set(subjects))
-        if unknown:
-            raise NoMatchError(
-                f"--participant-label {' '.join(unknown)} not found in {bids_dir} "
-                f"({len(subjects)} participants there, e.g. {', '.join(subjects[:3])})"
-            )
-        subjects = [s for s in subjects if s in wanted]
-    tasks = layout.get_tasks()
-    wanted_tasks = normalise_labels(task_labels, "task-")
-    if wanted_tasks:
-        unknown = sorted(set(wanted_tasks) - set(tasks))
-        if unknown:
-            raise NoMatchError(
-                f"--task-label {' '.join(unknown)} not found in {bids_dir} "
-                f"(tasks there: {', '.join(tasks)})"
-            )
-        tasks = [t for t in tasks if t in wanted_tasks]
+    subjects = _select(layout.get_subjects(), normalise_labels(participant_labels, "sub-"),
+                       "--participant-label", bids_dir, "participants")
+    tasks = _select(layout.get_tasks(), normalise_labels(task_labels, "task-"),
+                    "--task-label", bids_dir, "tasks")
 
     deriv_root = None
     deriv_layout = None
@@ -451,3 +436,15 @@ __all__ = [
     "find_alignment",
     "group_by_stimulus",
 ]
+
+
+def _select(found: list[str], wanted, option: str, bids_dir, what: str) -> list[str]:
+    """``found`` restricted to ``wanted`` (all when nothing is asked for); a label that is
+    not there is an error naming the option."""
+    if not wanted:
+        return found
+    unknown = sorted(set(wanted) - set(found))
+    if unknown:
+        raise NoMatchError(f"{option} {' '.join(unknown)} not found in {bids_dir} "
+                           f"({len(found)} {what} there, e.g. {', '.join(found[:3])})")
+    return [x for x in found if x in wanted]

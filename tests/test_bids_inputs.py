@@ -1,4 +1,4 @@
-"""The query layer against facts of the REAL Narratives metadata (synthetic BOLD beside it)."""
+"""bids_inputs.py, the query layer, against facts of the REAL Narratives metadata (synthetic BOLD beside it)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import os
 import pandas as pd
 import pytest
 
+from bids_llm_encode.bids_inputs import find_scans, read_gentle
 from bids_llm_encode.errors import (
     BidsValidationError,
     InputDataError,
     MissingInputError,
     NoMatchError,
 )
-from bids_llm_encode.narratives import find_scans, read_gentle
 from bids_llm_encode.timing import word_tr_index
 
 from .conftest import NARRATIVES, add_clean_bold, requires_shared
@@ -139,7 +139,7 @@ def test_broken_datalad_symlink(narratives_copy):
 def test_word_table_columns_from_json(tmp_path):
     import json
 
-    from bids_llm_encode.narratives import words_in_scan_time
+    from bids_llm_encode.bids_inputs import words_in_scan_time
 
     path = tmp_path / "align.json"
     path.write_text(json.dumps({"transcript": "a b c", "words": [

@@ -1,0 +1,150 @@
+"""Running the graphs: nipype configuration, plugin choice, execution and crash handling.
+
+``workflows/`` only builds graphs; this module decides how they run (fMRIPrep's split).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+from pathlib import Path
+
+from nipype.pipeline import engine as pe
+
+from ..bids_inputs import find_scans
+from ..config import Settings
+from ..derivatives import init_derivatives
+from ..errors import AppError
+from ..workflows.base import init_bids_llm_encode_wf
+from ..workflows.group import init_group_wf
+
+LOGGER = logging.getLogger(__name__)
+# imported once by MultiProc's forkserver, so no node pays their imports in a fresh worker
+FORKSERVER_PRELOAD = ("torch", "himalaya.backend", "himalaya.ridge", "himalaya.kernel_ridge",
+                      "nibabel", "bids_llm_encode.pipeline", "bids_llm_encode.encoding",
+                      "bids_llm_encode.networks", "bids_llm_encode.dictionary")
+
+
+def plugin_settings(settings: Settings) -> dict:
+    """MultiProc by default; --use-plugin YAML ('plugin', 'plugin_args') for anything else."""
+    if settings.use_plugin is not None:
+        import yaml
+
+        data = yaml.safe_load(Path(settings.use_plugin).read_text()) or {}
+        if "plugin" not in data:
+            raise AppError(f"--use-plugin {settings.use_plugin}: needs a 'plugin:' entry")
+        return {"plugin": data["plugin"], "plugin_args": data.get("plugin_args", {}) or {}}
+    # forkserver, not fork: a parent that already ran torch (threads, OpenMP) deadlocks
+    # its forked workers as soon as they use torch. The server imports the heavy modules
+    # once (without running them), so no node pays 3-4 s of imports in a fresh worker.
+    multiprocessing.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    args = {"n_procs": settings.nprocs or os.cpu_count() or 1, "raise_insufficient": False,
+            "mp_context": "forkserver"}
+    if settings.mem_mb:
+        args["memory_gb"] = settings.mem_mb / 1024
+    return {"plugin": "MultiProc", "plugin_args": args}
+
+
+def configure_nipype(settings: Settings) -> None:
+    """nipype's global config, set before any graph is built (node hashes depend on it)."""
+    from nipype import config as ncfg
+
+    ncfg.set("execution", "crashfile_format", "txt")
+    ncfg.set("execution", "crashdump_dir", str(Path(settings.output_dir) / "log"))
+    ncfg.set("execution", "remove_unnecessary_outputs", "false")
+    ncfg.set("execution", "stop_on_first_crash", "false")
+    ncfg.set("monitoring", "enabled", "false")
+    if settings.use_plugin is None:
+        # MultiProc checks for finished nodes every poll_sleep_duration (2 s by default):
+        # several seconds of idle cores per run of short nodes. Scheduler plugins keep 2 s
+        # (each poll queries the queue).
+        ncfg.set("execution", "poll_sleep_duration", "0.2")
+    # nipype resets its loggers from its config when a workflow runs: keep them quiet
+    # unless -vv; -v shows each node as it finishes.
+    level = {0: "WARNING", 1: "INFO"}.get(settings.verbose, "DEBUG")
+    ncfg.set("logging", "workflow_level", level)
+    ncfg.set("logging", "interface_level", "WARNING" if settings.verbose < 2 else "INFO")
+    ncfg.set("logging", "utils_level", "WARNING")
+    _share_logging_with_workers(settings, ncfg)
+
+
+def _share_logging_with_workers(settings: Settings, ncfg) -> None:
+    """MultiProc's forkserver workers import nipype afresh and read its config from
+    $NIPYPE_CONFIG_DIR/nipype.cfg, not from this process: without the file they log every
+    node at INFO. A user's own NIPYPE_CONFIG_DIR is left alone."""
+    if os.environ.get("NIPYPE_CONFIG_DIR") and "BIDS_LLM_ENCODE_NIPYPE_CFG" not in os.environ:
+        return
+    folder = Path(settings.work_dir) / "nipype_config"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["[logging]"] + [f"{key} = {ncfg.get('logging', key)}" for key in
+                             ("workflow_level", "interface_level", "utils_level")]
+    (folder / "nipype.cfg").write_text("\n".join(lines) + "\n")
+    os.environ["NIPYPE_CONFIG_DIR"] = str(folder)
+    os.environ["BIDS_LLM_ENCODE_NIPYPE_CFG"] = "1"  # ours: later runs may rewrite it
+
+
+def execute(wf: pe.Workflow, settings: Settings) -> None:
+    """Run the graph; on failure raise AppError naming the failing nodes and crash files."""
+    plugin = plugin_settings(settings)
+    try:
+        return wf.run(**plugin)
+    except RuntimeError as err:
+        crashes = sorted(Path(settings.output_dir).rglob("crash-*.txt"))
+        failing = sorted({_node_from_crash(c) for c in crashes}) or ["(see log)"]
+        where = "; ".join(str(c) for c in crashes[-3:])
+        raise AppError(
+            f"workflow step(s) failed: {', '.join(failing)}; crash reports: {where or err}"
+        ) from None
+
+
+def _node_from_crash(path: Path) -> str:
+    m = re.search(r"crash-\d+-\d+-[^-]+-(.+?)-[0-9a-f-]{36}\.txt$", path.name)
+    return m.group(1) if m else path.name
+
+
+def run_participant(settings: Settings) -> None:
+    from ..extraction import resolve_model
+
+    for model in settings.model:  # fail in one line before any work, not inside a node
+        resolve_model(model)
+    specs = find_scans(
+        settings.bids_dir, settings.participant_label, settings.task_label,
+        derivatives=settings.derivatives, space=settings.space, exclude=settings.exclude,
+        validate=not settings.skip_bids_validation,
+    )
+    init_derivatives(settings.output_dir, settings.bids_dir)
+    configure_nipype(settings)
+    for sub in sorted({s.subject for s in specs}):
+        settings.save(Path(settings.output_dir) / "log" / f"config-participant-sub-{sub}.json")
+    wf = init_bids_llm_encode_wf(settings, specs)
+    LOGGER.info("running %d scans of %d participants through %d nodes",
+                   len(specs), len({s.subject for s in specs}), len(wf._graph.nodes()))
+    _run(wf, settings)
+
+
+def run_group(settings: Settings) -> None:
+    from ..group.summary import collect_participant_outputs
+
+    found = collect_participant_outputs(settings.output_dir, settings.task_label)
+    init_derivatives(settings.output_dir, settings.bids_dir)
+    configure_nipype(settings)
+    settings.save(Path(settings.output_dir) / "log" / "config-group.json")
+    wf = init_group_wf(settings, found)
+    LOGGER.info("group level: %s", "; ".join(
+        f"task {t}, {s}, model {m}: {len(r)} participant scans"
+        for (t, s, m), r in sorted(found.items())))
+    _run(wf, settings)
+
+
+def _run(wf: pe.Workflow, settings: Settings) -> None:
+    execute(wf, settings)
+    plugin = plugin_settings(settings)["plugin"]
+    if plugin.endswith("Graph"):
+        # Graph plugins (SLURMGraph, SGEGraph...) submit every node as a dependent job and
+        # return at once: the outputs appear as the jobs finish.
+        LOGGER.info("submitted the graph to the scheduler (%s); outputs appear in %s as "
+                       "the jobs finish", plugin, settings.output_dir)
+    else:
+        LOGGER.info("finished %s; outputs in %s", wf.name, settings.output_dir)

@@ -1,0 +1,71 @@
+"""Functional brain network (FBN) labels of atom maps: atlases, nulls, Dice, p and FDR q.
+
+Plain functions (no nipype) for step 5 of docs/method.md: each atom's coefficient map is
+thresholded into an *activated* and a *deactivated* map, each map is compared with every
+network of every atlas by Dice overlap, and every overlap gets a p-value from a null that
+keeps spatial and temporal autocorrelation, and a Benjamini-Hochberg q across all rows
+(atoms x directions x atlases x networks). The rules, their calibration and their caveats
+are in docs/method.md (section 5 and "Network labels (implementation notes)").
+
+Modules
+    :mod:`.atlases`         :class:`Atlas`, :func:`load_atlas`, :func:`network_table`
+    :mod:`.grid`            the analysis grid and the NIfTI/GIFTI/TemplateFlow readers
+    :mod:`.overlap`         :func:`dice`, :func:`threshold_map`, p-values, :func:`fdr_bh`
+    :mod:`.temporal_nulls`  :class:`ShiftNull`, :class:`BandedShiftNull` (volumes)
+    :mod:`.spatial_nulls`   :class:`SpinNull`, spin permutations, fsaverage spheres (surfaces)
+    :mod:`.labelling`       :func:`label_atoms`: the table of Dice, p and q
+
+A null, for :func:`label_atoms`, is an array of null coefficient maps ``(n_null, k, V)``,
+or any object with ``blocks(coefs, r2)`` yielding ``(voxel indices, null maps
+(n_null x k x Vb), null R2 (n_null x Vb) or None)`` (the nulls here, the group nulls of
+group.py), or a callable ``f(coefs, r2)`` yielding the same.
+"""
+
+from .atlases import Atlas, is_named_atlas, load_atlas, network_table
+from .labelling import label_atoms
+from .overlap import (
+    ThresholdedMaps,
+    count_pvalues,
+    dice,
+    fdr_bh,
+    permutation_pvalues,
+    threshold_map,
+)
+from .spatial_nulls import (
+    FSAVERAGE_MESHES,
+    SpinNull,
+    fibonacci_sphere,
+    load_sphere_coords,
+    spin_maps,
+    spin_permutations,
+)
+from .temporal_nulls import (
+    BandedShiftNull,
+    ShiftNull,
+    ridge_coefs,
+    shift_null_coefs,
+)
+
+__all__ = [
+    "FSAVERAGE_MESHES",
+    "Atlas",
+    "BandedShiftNull",
+    "ShiftNull",
+    "SpinNull",
+    "ThresholdedMaps",
+    "count_pvalues",
+    "dice",
+    "fdr_bh",
+    "fibonacci_sphere",
+    "is_named_atlas",
+    "label_atoms",
+    "load_atlas",
+    "load_sphere_coords",
+    "network_table",
+    "permutation_pvalues",
+    "ridge_coefs",
+    "shift_null_coefs",
+    "spin_maps",
+    "spin_permutations",
+    "threshold_map",
+]

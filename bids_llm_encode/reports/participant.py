@@ -1,0 +1,145 @@
+"""The participant reports: ``sub-<id>.html``, one section per scan x model."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import MissingInputError
+from ..outputs import PARTICIPANT_NETWORKS_RE
+from .figures import Maps, draw_timecourses
+from .page import Page
+from .sections import labelled_atom_maps, matrix_and_table, positive_figure
+from .tables import Q_ALPHA, labelled_atoms, read_networks
+
+
+@dataclass(frozen=True)
+class ScanRef:
+    """What a report needs of a scan (a ``narratives.ScanSpec`` also has these)."""
+
+    subject: str
+    task: str
+    run: int | None
+    space: str
+
+    @property
+    def scan_id(self) -> str:
+        run = f"_run-{self.run}" if self.run is not None else ""
+        return f"sub-{self.subject}_task-{self.task}{run}"
+
+
+def write_participant_reports(settings, specs) -> list[Path]:
+    """Write ``sub-<id>.html`` (+ ``sub-<id>/figures/*.png``) for every participant in specs.
+
+    ``specs``: objects with ``subject task run space scan_id`` (``narratives.ScanSpec``).
+    Models are found from the files (``<scan>_space-<S>_model-<M>_networks.tsv``).
+    Returns the HTML paths.
+    """
+    out = Path(settings.output_dir)
+    by_subject = defaultdict(list)
+    for spec in specs:
+        by_subject[spec.subject].append(spec)
+    written = []
+    for subject, subject_specs in sorted(by_subject.items()):
+        subject_specs = sorted(subject_specs, key=lambda s: (s.task, s.run or 0, s.space))
+        written.append(_participant_report(settings, out, subject, subject_specs))
+    return written
+
+
+def _participant_report(settings, out: Path, subject: str, specs) -> Path:
+    page = Page(out, out / f"sub-{subject}" / "figures", f"bids_llm_encode: sub-{subject}")
+    func = out / f"sub-{subject}" / "func"
+    summary = []
+    z_default = _setting(settings, "map_threshold", 1.96)
+    for spec in specs:
+        nets = _participant_networks(func, spec)
+        for model, nets_path in nets.items():
+            _scan_model_section(page, out, spec, model, nets_path, z_default, summary)
+    page.prepend_summary(f"Participant sub-{subject}", summary)
+    page.settings(settings)
+    return page.write(out / f"sub-{subject}.html")
+
+
+def _setting(settings, name, default):
+    value = getattr(settings, name, None)
+    if value is None:
+        try:
+            value = settings.to_json().get(name)
+        except Exception:  # noqa: BLE001 - settings objects vary; the default is fine
+            value = None
+    return default if value is None else value
+
+
+def _participant_networks(func: Path, spec) -> dict[str, Path]:
+    """{model: networks.tsv} of one scan; none at all is a missing required output."""
+    head = f"{spec.scan_id}_space-{spec.space}"
+    found = {}
+    for path in sorted(func.glob(f"{head}_model-*_networks.tsv")):
+        m = PARTICIPANT_NETWORKS_RE.match(path.name)
+        if m:
+            found[m["model"]] = path
+    if not found:
+        raise MissingInputError(
+            f"no {head}_model-*_networks.tsv in {func}: the participant level did not finish "
+            f"for this scan; rerun it (or use --no-reports)")
+    return found
+
+
+def _scan_model_section(page, out, spec, model, nets_path, z_default, summary):
+    stem = f"{spec.scan_id}_space-{spec.space}_model-{model}"
+    func = nets_path.parent
+    table = read_networks(nets_path, ("atom", "network", "direction", "dice", "q"))
+    labelled = labelled_atoms(table)
+    title = f"{spec.scan_id.replace('_', ' ')} · {spec.space} · model {model}"
+    run = f" run {spec.run}" if spec.run is not None else ""
+    page.open_section(stem, title, f"{spec.task}{run} · {model}")
+    r2 = Maps.find(func, stem, "r2", "atoms")
+    r2_max = _atoms_and_r2(page, out, spec, model, stem, r2, labelled)
+    labelled_atom_maps(page, func, stem, table, labelled, r2, z_default, "effect",
+                       "Labelled atoms: activated (red) and deactivated (blue) maps")
+    matrix_and_table(page, stem, table, "dice", "Dice")
+    page.close_section()
+    summary.append({"scan": spec.scan_id, "space": spec.space, "model": model,
+                    "atoms": int(table["atom_number"].nunique()),
+                    "labelled atoms": len(labelled),
+                    "significant labels": int((table["q"] < Q_ALPHA).sum()),
+                    "max R2": r2_max, "_anchor": stem})
+
+
+def _atoms_and_r2(page, out, spec, model, stem, r2, labelled):
+    page.h3("Atom time courses")
+    atoms_tsv = _find_atoms_tsv(out, spec, model)
+    if atoms_tsv is None:
+        page.note(f"no atoms/task-{spec.task}*_model-{model}_atoms.tsv: time courses skipped")
+    else:
+        atoms = pd.read_csv(atoms_tsv, sep="\t")
+        page.figure(f"{stem}_desc-atoms_timecourses.png",
+                    lambda p: draw_timecourses(atoms, set(labelled), p),
+                    f"First atoms of the dictionary ({atoms_tsv.name}), each scaled to its "
+                    "maximum; labelled atoms in red.")
+    page.h3("Held-out R2 of the atoms")
+    if r2 is None:
+        page.note(f"no {stem}_stat-r2_desc-atoms_statmap: R2 map skipped")
+        return float("nan")
+    return positive_figure(page, r2, f"{stem}_desc-r2_map.png",
+                           f"{model}: held-out R2 (atoms)",
+                           "Held-out (cross-validated) R2 of the atoms band.",
+                           empty="no voxel has a held-out R2 > 0: nothing to show")
+
+
+def _find_atoms_tsv(out: Path, spec, model: str) -> Path | None:
+    folder = out / "atoms"
+    stimulus = getattr(spec, "stimulus", None) or spec.task
+    stim = f"_stim-{stimulus}" if stimulus != spec.task else ""
+    exact = folder / f"task-{spec.task}{stim}_model-{model}_atoms.tsv"
+    if exact.exists():
+        return exact
+    candidates = sorted(folder.glob(f"task-{spec.task}_*model-{model}_atoms.tsv"))
+    candidates = [c for c in candidates
+                  if re.fullmatch(rf"task-{re.escape(spec.task)}(_stim-[^_]+)?_model-"
+                                  rf"{re.escape(model)}_atoms\.tsv", c.name)]
+    return candidates[0] if candidates else None

@@ -1,0 +1,119 @@
+"""The graphs are built, not run: their nodes and connections for an option matrix, on the
+REAL Narratives metadata (no images needed to build a graph)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bids_llm_encode.bids_inputs import find_scans
+from bids_llm_encode.config import Settings
+from bids_llm_encode.workflows.base import init_bids_llm_encode_wf
+from bids_llm_encode.workflows.group import init_group_wf
+
+from .conftest import NARRATIVES, requires_shared
+
+
+def _settings(tmp_path, **kw) -> Settings:
+    return Settings(bids_dir=NARRATIVES, output_dir=tmp_path / "out", analysis_level=[],
+                    work_dir=tmp_path / "work", **kw)
+
+
+def _scans(subjects, tasks, tmp_path):
+    """Scans found in the real metadata, given a BOLD file and its length (neither is read
+    when a graph is built)."""
+    bold = tmp_path / "bold.nii.gz"
+    bold.touch()
+    return [dataclasses.replace(s, n_trs=int(s.story_window[1] / s.tr) + 20, bold=[str(bold)])
+            for s in find_scans(NARRATIVES, subjects, tasks, require_images=False)]
+
+
+def _edges(wf) -> set[tuple[str, str]]:
+    return {(u.name, v.name) for u, v in wf._graph.edges()}
+
+
+def _names(wf) -> set[str]:
+    return {n.name for n in wf._graph.nodes()}
+
+
+def _assert_mandatory_inputs_given(wf) -> None:
+    """Every mandatory input of every node is either set or connected (nipype would only
+    find out when the node runs)."""
+    from nipype.interfaces.base import isdefined
+
+    connected = {(v.name, dest) for u, v, d in wf._graph.edges(data=True)
+                 for _, dest in d["connect"]}
+    for node in wf._graph.nodes():
+        spec = node.interface.inputs
+        for name in spec.copyable_trait_names():
+            trait = spec.trait(name)
+            if trait.mandatory and (node.name, name) not in connected:
+                assert isdefined(getattr(spec, name)), f"{node.name}.{name} is never given"
+
+
+@requires_shared
+@pytest.mark.parametrize("models", [["smollm2"], ["smollm2", "minilm"]])
+@pytest.mark.parametrize("baseline", ["none", "layers"])
+def test_participant_graph_nodes_and_edges(tmp_path, models, baseline):
+    specs = _scans(["001", "002"], ["pieman"], tmp_path)
+    assert len(specs) == 4  # sub-001 and sub-002 each heard pieman twice (two runs)
+    wf = init_bids_llm_encode_wf(_settings(tmp_path, model=models, baseline=baseline), specs)
+    _assert_mandatory_inputs_given(wf)
+    names, edges = _names(wf), _edges(wf)
+    stimuli = {(s.stimulus, s.tr, s.n_trs) for s in specs}
+    for model in models:
+        extract = [n for n in names if n.startswith("extract_") and n.endswith(model)
+                   and not n.startswith("extract_layers")]
+        assert len(extract) == len(stimuli)  # one stimulus branch, shared by participants
+        for stem in (e[len("extract_"):] for e in extract):
+            assert (f"extract_{stem}", f"dictionary_{stem}") in edges
+            assert (f"dictionary_{stem}", f"sink_atoms_{stem}") in edges
+        for spec in specs:
+            scan = f"{spec.scan_id}_{model}".replace("-", "_")
+            encode, label, sink = (f"{k}_{scan}" for k in ("encode", "label", "sink"))
+            assert {encode, label, sink} <= names, scan
+            assert (encode, label) in edges and (label, sink) in edges and (encode, sink) in edges
+            assert any(u.startswith("dictionary_") and v == encode for u, v in edges)
+    for sub in ("001", "002"):
+        assert (f"written_sub_{sub}", f"report_sub_{sub}") in edges
+    if baseline == "layers":  # the mlp-out responses feed the encoding's baseline too
+        assert any(u.startswith("extract_") and v.startswith("encode_") for u, v in edges)
+
+
+@requires_shared
+def test_participant_graph_without_reports_has_no_report_nodes(tmp_path):
+    specs = _scans(["002"], ["pieman"], tmp_path)
+    wf = init_bids_llm_encode_wf(_settings(tmp_path, reports=False), specs)
+    assert not [n for n in _names(wf) if n.startswith(("report_", "written_"))]
+
+
+@requires_shared
+def test_milkyway_versions_get_separate_stimulus_branches(tmp_path):
+    specs = _scans(None, ["milkyway"], tmp_path)
+    picked = {}
+    for s in specs:  # one participant per audio version
+        picked.setdefault(s.stimulus, s)
+    wf = init_bids_llm_encode_wf(_settings(tmp_path), list(picked.values()))
+    dictionaries = [n for n in _names(wf) if n.startswith("dictionary_")]
+    assert len(dictionaries) == 3
+
+
+def test_group_graph_one_summary_per_task_space_model_and_a_comparison(tmp_path):
+    tsv = tmp_path / "networks.tsv"  # the group nodes' inputs must exist
+    tsv.write_text("atom\n")
+    found = {("pieman", "MNI152NLin2009cAsym", m): [{"networks": str(tsv)}] * 2
+             for m in ("smollm2", "minilm")}
+    found[("tunnel", "MNI152NLin2009cAsym", "smollm2")] = [{"networks": str(tsv)}] * 2
+    wf = init_group_wf(_settings(tmp_path), found)
+    _assert_mandatory_inputs_given(wf)
+    names, edges = _names(wf), _edges(wf)
+    assert {"group_pieman_MNI152NLin2009cAsym_smollm2", "group_pieman_MNI152NLin2009cAsym_minilm",
+            "group_tunnel_MNI152NLin2009cAsym_smollm2"} <= names
+    assert ("summaries_pieman_MNI152NLin2009cAsym",
+            "compare_models_pieman_MNI152NLin2009cAsym") in edges
+    assert not [n for n in names if n.startswith("compare_models_tunnel")]
+    assert ("written_group", "report_group") in edges
+    no_reports = init_group_wf(_settings(tmp_path, reports=False), found)
+    assert "report_group" not in _names(no_reports)
+    assert len([n for n in _names(no_reports) if n.startswith("group_")]) == 3
