@@ -136,7 +136,9 @@ def naive_baseline(lm, words: pd.DataFrame, n_trs: int, context: int) -> np.ndar
             h.remove()
     has = word_cnt > 0
     acc.add(np.where(has, tr_idx, -1), word_sum / np.maximum(word_cnt, 1)[:, None])
-    return timing.to_regressors(acc.means(), TR, "glover")
+    acc.means()  # the per-TR means the app also keeps (X_raw)
+    onsets = words["onset"].to_numpy()
+    return timing.hrf_regressors(word_sum[has] / word_cnt[has, None], onsets[has], TR, n_trs)
 
 
 def speed(n_words: int, context: int) -> dict:

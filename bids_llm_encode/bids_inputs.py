@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import checks
 from .errors import (
     AppError,
     BidsValidationError,
@@ -92,26 +93,26 @@ def read_gentle(path: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(path)
     if path.suffix == ".json":
-        with open(path) as f:
-            data = json.load(f)
         rows = []
-        for w in data.get("words", []):
+        for i, w in enumerate(checks.read_gentle_json(path), start=1):
             ok = w.get("case") == "success" and "start" in w
-            rows.append(
-                (w["word"], float(w["start"]) if ok else np.nan, float(w["end"]) if ok else np.nan)
-            )
+            rows.append((w["word"],
+                         checks.parse_time(w["start"], path, i, "start") if ok else np.nan,
+                         checks.parse_time(w.get("end"), path, i, "end") if ok else np.nan))
     else:
         rows = []
         with open(path, newline="") as f:
-            for rec in csv.reader(f):
+            for i, rec in enumerate(csv.reader(f), start=1):
                 if not rec:
                     continue
+                if len(rec) < 4:
+                    raise checks.data_error(
+                        path, f"{len(rec)} field(s) where Gentle writes 4 "
+                        "(word,alignedWord,start,end)", "fix or remove that row", row=i)
                 word = rec[0]
-                start = rec[2].strip() if len(rec) > 2 else ""
-                end = rec[3].strip() if len(rec) > 3 else ""
-                rows.append(
-                    (word, float(start) if start else np.nan, float(end) if end else np.nan)
-                )
+                start, end = rec[2].strip(), rec[3].strip()
+                rows.append((word, checks.parse_time(start, path, i, "start") if start else np.nan,
+                             checks.parse_time(end, path, i, "end") if end else np.nan))
     table = pd.DataFrame(rows, columns=["word", "start", "end"])
     if table.empty:
         raise InputDataError(f"{path}: the alignment holds no words")
@@ -166,6 +167,47 @@ def check_readable(path: str | os.PathLike) -> str:
     if not p.exists():
         raise MissingInputError(f"{p} does not exist")
     return str(p)
+
+
+TR_TOLERANCE = 0.01  # relative: a sidecar and header TR further apart are an input error
+
+
+def header_tr(path: str | os.PathLike) -> float | None:
+    """The TR in seconds from a NIfTI header's pixdim[4] (time units honoured); None for
+    GIFTI, and for 0 or the unset placeholder 1.0 without a time unit."""
+    import nibabel as nib
+
+    if str(path).endswith(".gii"):
+        return None
+    hdr = nib.load(str(path)).header
+    if len(hdr.get_zooms()) < 4:
+        return None
+    value = float(hdr.get_zooms()[3])
+    unit = hdr.get_xyzt_units()[1] if hasattr(hdr, "get_xyzt_units") else "unknown"
+    if value <= 0 or (unit == "unknown" and value == 1.0):
+        return None
+    return value * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
+
+
+def checked_tr(sidecar_tr: float, bold: str, trust: str | None, sidecar: str = "") -> float:
+    """The TR to use: the sidecar's, unless the BOLD header disagrees by more than
+    TR_TOLERANCE; then the one ``trust`` names ("sidecar"/"header"), else an error."""
+    head = header_tr(bold)
+    if head is None or abs(head - sidecar_tr) <= TR_TOLERANCE * sidecar_tr:
+        return sidecar_tr
+    if trust == "sidecar":
+        LOGGER.warning("%s: header TR %g s disagrees with the sidecar's %g s; using the "
+                       "sidecar (--trust-sidecar)", bold, head, sidecar_tr)
+        return sidecar_tr
+    if trust == "header":
+        LOGGER.warning("%s: header TR %g s disagrees with the sidecar's %g s; using the "
+                       "header (--trust-header)", bold, head, sidecar_tr)
+        return head
+    raise InputDataError(
+        f"{bold}: the NIfTI header gives TR {head:g} s (pixdim[4]) but "
+        f"{os.path.basename(sidecar) or 'the sidecar'} gives RepetitionTime {sidecar_tr:g} s "
+        f"(more than {TR_TOLERANCE:.0%} apart); fix the one that is wrong, or pass "
+        "--trust-sidecar or --trust-header")
 
 
 def count_trs(bold: list[str]) -> int:
@@ -281,8 +323,12 @@ def find_scans(
     exclude: bool = True,
     validate: bool = True,
     require_images: bool = True,
+    trust_tr: str | None = None,
 ) -> list[ScanSpec]:
-    """Query the dataset; one ScanSpec per participant x scan (runs kept apart)."""
+    """Query the dataset; one ScanSpec per participant x scan (runs kept apart).
+
+    ``trust_tr``: None (a sidecar TR that disagrees with the BOLD header is an error),
+    ``"sidecar"`` or ``"header"`` (which of the two to use then): :func:`checked_tr`."""
     import bids
 
     bids_dir = Path(bids_dir).resolve()
@@ -316,18 +362,23 @@ def find_scans(
     exclusions = load_exclusions(bids_dir) if exclude else {}
     specs: list[ScanSpec] = []
     n_excluded = 0
+    skipped: dict[str, list[str]] = {}  # subject -> why each of its scans was left out
+    with_events: set[tuple] = set()
     for events_file in layout.get(
         subject=subjects, task=tasks, suffix="events", extension=".tsv", datatype="func"
     ):
         ent = events_file.get_entities()
         subject, task, run = ent["subject"], ent["task"], ent.get("run")
         run = int(run) if run is not None else None
+        with_events.add((subject, task, run))
         raw_name = events_file.path.replace("_events.tsv", "_bold.nii.gz")
         if exclude and _is_excluded(exclusions, task, subject, raw_name):
             n_excluded += 1
+            skipped.setdefault(subject, []).append(
+                f"{os.path.basename(raw_name)} excluded by code/scan_exclude.json")
             LOGGER.info("excluded by code/scan_exclude.json: %s", os.path.basename(raw_name))
             continue
-        events = pd.read_csv(events_file.path, sep="\t")
+        events = _read_events(events_file.path)
         meta = layout.get_metadata(raw_name) if os.path.exists(raw_name) else {}
         if not meta:
             sidecar = events_file.path.replace("_events.tsv", "_bold.json")
@@ -339,7 +390,7 @@ def find_scans(
                 f"no RepetitionTime for {os.path.basename(raw_name)}: expected it in "
                 f"{os.path.basename(raw_name).replace('.nii.gz', '.json')}"
             )
-        tr = float(meta["RepetitionTime"])
+        tr = checks.repetition_time(meta["RepetitionTime"], _sidecar_name(raw_name))
         condition = _read_scans_conditions(bids_dir, subject).get(os.path.basename(raw_name))
         stimulus = stimulus_name(events, task, condition)
         alignment = find_alignment(bids_dir, stimulus)
@@ -351,9 +402,12 @@ def find_scans(
             if bold is None:
                 LOGGER.warning("no %s %s BOLD for %s in %s: skipped", derivatives, space,
                                os.path.basename(raw_name), deriv_root)
+                skipped.setdefault(subject, []).append(
+                    f"{os.path.basename(raw_name)} has no {derivatives} {space} BOLD")
                 continue
             mask = _derivative_mask(deriv_root, derivatives, space, bold[0], task)
             n_trs = count_trs(bold)
+            tr = checked_tr(tr, bold[0], trust_tr, raw_name.replace(".nii.gz", ".json"))
         spec = ScanSpec(
             subject=subject,
             task=task,
@@ -383,6 +437,14 @@ def find_scans(
                 spec.story_window[0],
             )
         specs.append(spec)
+    if deriv_layout is not None:
+        _skipped_without_events(deriv_layout, subjects, tasks, with_events, skipped)
+    if participant_labels and specs:
+        missing = sorted(set(subjects) - {s.subject for s in specs})
+        if missing:
+            raise NoMatchError("; ".join(
+                f"sub-{sub} has no usable scan ({', '.join(skipped.get(sub, ['no events.tsv']))})"
+                for sub in missing) + ": fix its inputs or leave it out of --participant-label")
     if not specs:
         where = f"{derivatives} ({space})" if require_images else "raw"
         raise NoMatchError(
@@ -390,8 +452,41 @@ def find_scans(
             f"{' '.join(subjects) or '(none)'} and tasks {' '.join(tasks) or '(none)'} "
             f"with {where} images" + (f"; {n_excluded} excluded (--no-exclude keeps them)"
                                       if n_excluded else "")
+            + "".join(f"; {why}" for whys in skipped.values() for why in whys[:3])
         )
     return specs
+
+
+def _skipped_without_events(deriv_layout, subjects, tasks, with_events, skipped) -> None:
+    """Derivative BOLD scans with no events.tsv in the raw dataset: said, not dropped silently."""
+    for f in deriv_layout.get(subject=subjects, task=tasks, suffix="bold"):
+        ent = f.get_entities()
+        run = int(ent["run"]) if ent.get("run") is not None else None
+        key = (ent.get("subject"), ent.get("task"), run)
+        if key in with_events or not str(f.path).endswith((".nii.gz", ".func.gii")):
+            continue
+        r = f"_run-{run}" if run is not None else ""
+        why = f"sub-{key[0]}_task-{key[1]}{r} has BOLD but no events.tsv"
+        if why not in skipped.setdefault(key[0], []):
+            skipped[key[0]].append(why)
+            LOGGER.warning("%s (sub-%s/func/): skipped", why, key[0])
+
+
+def _read_events(path) -> pd.DataFrame:
+    try:
+        events = pd.read_csv(path, sep="\t")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+        raise checks.data_error(path, f"cannot be read as a table ({err})".strip(),
+                                "events.tsv needs a tab-separated header onset, duration "
+                                "and one row per event") from None
+    checks.check_events(events, path)
+    return events
+
+
+def _sidecar_name(raw_name: str) -> str:
+    """The sidecar the TR came from, for messages (pybids merges inherited sidecars)."""
+    own = raw_name.replace(".nii.gz", ".json")
+    return own if os.path.exists(own) else f"{os.path.basename(own)} (or its inherited sidecar)"
 
 
 def _derivatives_root(bids_dir: Path, derivatives: str | os.PathLike) -> Path:
@@ -418,12 +513,93 @@ def check_story_fits(spec: ScanSpec) -> None:
         )
 
 
-def group_by_stimulus(specs: list[ScanSpec]) -> dict[tuple, list[ScanSpec]]:
-    """Scans that heard the same audio on the same TR grid share one stimulus branch."""
-    groups: dict[tuple, list[ScanSpec]] = {}
+@dataclass(frozen=True)
+class StimulusIdentity:
+    """What makes one analysis: the audio file, its word alignment, the story TRs
+    [trs_start, trs_stop) on the TR grid, and the audio onset in the scan. Scans that share
+    it share one extraction and one dictionary; the group level never pools two of them
+    (atom j of one dictionary is not atom j of another)."""
+
+    task: str
+    stimulus: str  # audio name, e.g. "pieman", "milkywayvodka"
+    audio: str  # events' stim_file (or the audio name when there is none)
+    alignment: str  # stimuli/gentle/<audio>/align.json, relative to bids_dir
+    tr: float
+    trs_start: int
+    trs_stop: int
+    audio_onset: float
+
+    def to_json(self) -> dict:
+        return {"Task": self.task, "Stimulus": self.stimulus, "AudioFile": self.audio,
+                "Alignment": self.alignment, "RepetitionTime": self.tr,
+                "StoryTRs": [self.trs_start, self.trs_stop], "AudioOnset": self.audio_onset}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StimulusIdentity":
+        start, stop = data["StoryTRs"]
+        return cls(task=str(data["Task"]), stimulus=str(data["Stimulus"]),
+                   audio=str(data["AudioFile"]), alignment=str(data["Alignment"]),
+                   tr=float(data["RepetitionTime"]), trs_start=int(start), trs_stop=int(stop),
+                   audio_onset=float(data["AudioOnset"]))
+
+    @property
+    def digest(self) -> str:
+        """Stable hash of the identity (hex): the suffix that tells versions apart."""
+        import hashlib
+
+        text = json.dumps([self.task, self.stimulus, self.audio, self.alignment,
+                           round(self.tr, 6), self.trs_start, self.trs_stop,
+                           round(self.audio_onset, 3)])
+        return hashlib.sha1(text.encode()).hexdigest()
+
+
+def stimulus_identity(spec: ScanSpec) -> StimulusIdentity:
+    """The :class:`StimulusIdentity` of a scan (story TRs as ``timing.story_trs``)."""
+    from .timing import story_trs
+
+    start, stop = story_trs(*spec.story_window, spec.tr, spec.n_trs)
+    ev = spec.events
+    audio = (str(ev["stim_file"].dropna().iloc[0])
+             if "stim_file" in ev and ev["stim_file"].notna().any() else spec.stimulus)
+    align = Path(spec.alignment)
+    return StimulusIdentity(
+        task=spec.task, stimulus=spec.stimulus, audio=audio,
+        alignment="/".join(align.parts[-4:]) if align.parent.parent.name == "gentle"
+        else align.name,
+        tr=float(spec.tr), trs_start=int(start), trs_stop=int(stop),
+        audio_onset=float(ev["onset"].iloc[0]))
+
+
+def _alnum(text: str) -> str:
+    return "".join(c for c in str(text) if c.isalnum()) or "stim"
+
+
+def stimulus_labels(identities) -> dict[StimulusIdentity, str]:
+    """A short stable label per identity, unique within its task: the audio name, plus
+    the first 6 hex digits of the identity's digest when one task has several identities
+    with that audio (same story on another TR grid, another length or onset)."""
+    identities = list(dict.fromkeys(identities))
+    per_audio: dict[tuple, int] = {}
+    for ident in identities:
+        per_audio[(ident.task, ident.stimulus)] = per_audio.get((ident.task, ident.stimulus),
+                                                                 0) + 1
+    return {ident: _alnum(ident.stimulus) + (ident.digest[:6] if per_audio[
+        (ident.task, ident.stimulus)] > 1 else "") for ident in identities}
+
+
+def tasks_with_several_stimuli(identities) -> set[str]:
+    """Tasks whose label is not enough to name an analysis (several identities)."""
+    count: dict[str, int] = {}
+    for ident in set(identities):
+        count[ident.task] = count.get(ident.task, 0) + 1
+    return {task for task, n in count.items() if n > 1}
+
+
+def group_by_stimulus(specs: list[ScanSpec]) -> dict[StimulusIdentity, list[ScanSpec]]:
+    """Scans with the same :class:`StimulusIdentity` share one stimulus branch."""
+    groups: dict[StimulusIdentity, list[ScanSpec]] = {}
     for spec in specs:
-        key = (spec.task, spec.stimulus, spec.tr, spec.n_trs, float(spec.events["onset"].iloc[0]))
-        groups.setdefault(key, []).append(spec)
+        groups.setdefault(stimulus_identity(spec), []).append(spec)
     return groups
 
 
@@ -435,6 +611,9 @@ __all__ = [
     "words_in_scan_time",
     "find_alignment",
     "group_by_stimulus",
+    "StimulusIdentity",
+    "stimulus_identity",
+    "stimulus_labels",
 ]
 
 

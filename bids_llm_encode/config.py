@@ -20,12 +20,17 @@ class Settings:
     space: str = "MNI152NLin2009cAsym"
     exclude: bool = True
     skip_bids_validation: bool = False
+    # write into an output_dir made by another version of bids_llm_encode (warns)
+    force_version_mix: bool = False
+    trust_sidecar: bool = False  # sidecar and header TR disagree: use the sidecar's
+    trust_header: bool = False  # ... use the NIfTI header's pixdim[4]
     # extraction
     model: list[str] = field(default_factory=lambda: ["smollm2"])
     units: str = "mlp-out"
     context_tokens: int = 512
     hrf: str = "glover"
     delays: list[int] | None = None
+    slice_time_ref: float = 0.5
     device: str = "auto"
     dtype: str = "float32"
     # dictionary
@@ -38,7 +43,7 @@ class Settings:
     nuisance: bool = True
     baseline: str = "none"
     # networks
-    fbn_atlas: list[str] = field(default_factory=lambda: ["seitzman2018"])
+    fbn_atlas: list[str] = field(default_factory=lambda: ["kong2019"])
     fbn_labels: list[str] | None = None
     map_threshold: float = 1.96
     null: str = "shift"
@@ -55,7 +60,8 @@ class Settings:
     # How and what to run, not what is computed: left out of node inputs, so that running
     # another participant or with more processes finds the finished nodes cached.
     EXECUTION_ONLY = ("analysis_level", "participant_label", "work_dir", "nprocs",
-                      "omp_nthreads", "mem_mb", "use_plugin", "verbose")
+                      "omp_nthreads", "mem_mb", "use_plugin", "verbose",
+                      "force_version_mix")
 
     def node_threads(self) -> int:
         """Threads (and MultiProc slots) of each heavy node: --omp-nthreads, else all of
@@ -63,6 +69,10 @@ class Settings:
         import os
 
         return self.omp_nthreads or max(1, min(8, self.nprocs or os.cpu_count() or 1))
+
+    def trusted_tr(self) -> str | None:
+        """bids_inputs.find_scans' ``trust_tr``: "sidecar", "header" or None."""
+        return "sidecar" if self.trust_sidecar else "header" if self.trust_header else None
 
     def node_inputs(self) -> dict:
         """The settings a node receives (and hashes): :meth:`to_json` less EXECUTION_ONLY."""

@@ -19,21 +19,24 @@ import numpy as np
 
 from . import __version__
 
+# pybids config for the entities we add (FitLins ships one too): docs/outputs.md
+PYBIDS_CONFIG = Path(__file__).parent / "data" / "bids_llm_encode.json"
 ENTITY_ORDER = ("sub", "task", "run", "space", "model", "atom", "stat", "desc")
+# The validator (bids-validator-deno) does not honour trailing slashes: a bare folder name
+# hides the folder at any depth with its files (checked in tests/test_derivatives.py).
+# Our stat maps (`stat-`, `model-` entities, `statmap` suffix) and tables are not in the
+# BIDS schema (no statistical-map suffix yet), so they are listed here.
 BIDSIGNORE = [
-    "*_atoms.tsv",
-    "*_atoms.json",
-    "*_loadings.npz",
-    "*_subgroups.tsv",
+    "*_statmap.nii.gz",
+    "*_statmap.func.gii",
+    "*_statmap.json",
     "*_networks.tsv",
     "*_networks.json",
-    "*_statmap.json",
-    "*_units.tsv",
     "*.html",
-    "atoms/",
-    "figures/",
-    "group/",
-    "log/",
+    "atoms",
+    "figures",
+    "group",
+    "log",
 ]
 
 
@@ -103,8 +106,16 @@ def write_tsv(path, frame) -> Path:
 
 
 def write_image(path, img) -> Path:
+    """NIfTI headers as niworkflows' DerivativesDataSink writes them: units mm (and s for
+    a time axis), qform/sform code 4 (MNI) for an MNI space, else 1 (scanner)."""
     import nibabel as nib
 
+    if isinstance(img, nib.Nifti1Image):
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header.copy())
+        img.header.set_xyzt_units(xyz="mm", t="sec")
+        code = 4 if "_space-MNI" in Path(path).name else 1
+        img.set_qform(img.affine, code=code)
+        img.set_sform(img.affine, code=code)
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return Path(path)
@@ -122,33 +133,153 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def init_derivatives(output_dir, bids_dir, container: str | None = None) -> None:
-    """Write dataset_description.json and .bidsignore once, under a lock."""
+def container_type() -> str | None:
+    """The container this process runs in, detected now (not assumed): "docker",
+    "apptainer", "singularity" or None."""
+    if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("APPTAINER_NAME"):
+        return "apptainer"
+    if os.environ.get("SINGULARITY_CONTAINER") or os.environ.get("SINGULARITY_NAME"):
+        return "singularity"
+    if Path("/.dockerenv").exists():
+        return "docker"
+    return None
+
+
+def source_datasets(bids_dir, output_dir) -> list[dict]:
+    """SourceDatasets: the input's DOI (or URL) from its dataset_description.json when it
+    has one, else the input as a path relative to the derivatives (never a host path)."""
+    bids_dir = Path(bids_dir).resolve()
+    try:
+        desc = json.loads((bids_dir / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        desc = {}
+    entry: dict = {}
+    doi = str(desc.get("DatasetDOI") or "").strip()
+    if doi:
+        entry["DOI"] = doi if doi.startswith("doi:") else "doi:" + doi.removeprefix(
+            "https://doi.org/")
+    else:
+        links = [str(v) for v in (desc.get("DatasetLinks") or {}).values()]
+        urls = [u for u in links if u.startswith(("http://", "https://"))]
+        if urls:
+            entry["URL"] = urls[0]
+        else:
+            entry["URL"] = Path(os.path.relpath(bids_dir, Path(output_dir).resolve())
+                                ).as_posix()
+    return [entry]
+
+
+def bids_uri(path, bids_dir) -> str:
+    """``bids:raw:<path relative to the input dataset>`` (``raw`` is in DatasetLinks);
+    a file outside the input dataset keeps only its name (never a host path)."""
+    path, root = Path(path).resolve(), Path(bids_dir).resolve()
+    if root in path.parents:
+        return f"bids:raw:{path.relative_to(root).as_posix()}"
+    return path.name
+
+
+README_TEXT = """# bids_llm_encode derivatives
+
+Written by bids_llm_encode {version}: atoms (temporal patterns) of a language model's
+artificial neurons on each story, voxel-wise encoding maps of those atoms per participant,
+and the functional brain networks they load on.
+
+* `atoms/`: the dictionary of each story and model (not BIDS files: see `.bidsignore`);
+* `sub-<id>/func/`: held-out R2, correlation, coefficient and penalty maps, each with a
+  JSON sidecar, the brain mask, and the networks table;
+* `group/`: group statistics; `sub-<id>.html`, `group.html`: the reports;
+* `log/`: the configuration of every run (`config-<level>-<time>.json`) and crash reports;
+* `CITATION.md`: methods text and references, when written by the run.
+
+Read the maps with pybids using the shipped config for our entities (`stat`, `atom`,
+`stim`): `BIDSLayout(out, config=["bids", "derivatives",
+bids_llm_encode.derivatives.PYBIDS_CONFIG], validate=False)`.
+"""
+
+
+def init_derivatives(output_dir, bids_dir, container: str | None = None,
+                     force_version_mix: bool = False) -> None:
+    """Write dataset_description.json, README and .bidsignore, under a lock.
+
+    A rerun by another version refuses to mix outputs (UsageError) unless
+    ``force_version_mix``; then it warns and rewrites dataset_description.json with this
+    version, keeping the earlier ones in ``GeneratedBy``.
+    """
+    import logging
+
     from filelock import FileLock
+
+    from .errors import UsageError
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".bids_llm_encode.lock"), timeout=120):
         desc = out / "dataset_description.json"
-        if not desc.exists():
-            generated = {
-                "Name": "bids_llm_encode",
-                "Version": __version__,
-                "CodeURL": "https://github.com/bids-llm-encode/bids_llm_encode",
-            }
-            container = container or os.environ.get("BIDS_LLM_ENCODE_CONTAINER")
-            if container:
-                generated["Container"] = {"Type": "docker", "Tag": container}
-            write_json(desc, {
-                "Name": "bids_llm_encode: LLM artificial-neuron atoms and brain networks",
-                "BIDSVersion": "1.9.0",
-                "DatasetType": "derivative",
-                "GeneratedBy": [generated],
-                "SourceDatasets": [{"URL": Path(bids_dir).resolve().as_uri()}],
-            })
+        previous = []
+        if desc.exists():
+            try:
+                previous = json.loads(desc.read_text()).get("GeneratedBy", [])
+            except ValueError:
+                previous = []
+            # the version that wrote it last (earlier ones follow, after a forced mix)
+            last = next((g.get("Version") for g in previous
+                         if g.get("Name") == "bids_llm_encode"), None)
+            if last is not None and last != __version__:
+                msg = f"{out} holds outputs of bids_llm_encode {last}, this is {__version__}"
+                if not force_version_mix:
+                    raise UsageError(f"{msg}: use a new output_dir, or --force-version-mix to "
+                                     "add to it")
+                logging.getLogger(__name__).warning("%s: mixing versions (--force-version-mix)",
+                                                    msg)
+        generated = {
+            "Name": "bids_llm_encode",
+            "Version": __version__,
+            "CodeURL": "https://github.com/bids-llm-encode/bids_llm_encode",
+        }
+        tag = container or os.environ.get("BIDS_LLM_ENCODE_CONTAINER")
+        kind = container_type()
+        if kind:
+            generated["Container"] = {"Type": kind, **({"Tag": tag} if tag else {})}
+        older = [g for g in previous if g.get("Name") == "bids_llm_encode"
+                 and g.get("Version") != __version__]
+        new = {
+            "Name": "bids_llm_encode: LLM artificial-neuron atoms and brain networks",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [generated] + older,
+            "SourceDatasets": source_datasets(bids_dir, out),
+        }
+        src = new["SourceDatasets"][0]
+        new["DatasetLinks"] = {"raw": src.get("DOI") or src["URL"]}
+        if not desc.exists() or previous != new["GeneratedBy"]:
+            write_json(desc, new)
+        readme = out / "README.md"
+        if not readme.exists():
+            write_text(readme, README_TEXT.format(version=__version__))
         ignore = out / ".bidsignore"
-        if not ignore.exists():
-            write_text(ignore, "\n".join(BIDSIGNORE) + "\n")
+        have = ignore.read_text().splitlines() if ignore.exists() else []
+        missing = [p for p in BIDSIGNORE if p not in have]
+        if missing:  # keep a user's lines, add ours (older versions wrote `atoms/`...)
+            write_text(ignore, "\n".join(have + missing) + "\n")
+
+
+def save_run_config(output_dir, level: str, settings: dict, argv=None) -> Path:
+    """log/config-<level>-<UTC time>-<pid>.json: every run's settings kept (never
+    overwritten), with the version, the time and the command line."""
+    import datetime
+    import sys
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+    path = Path(output_dir) / "log" / f"config-{level}-{stamp}-{os.getpid()}.json"
+    return write_json(path, {
+        "Version": __version__,
+        "Time": now.isoformat(),
+        "CommandLine": list(sys.argv if argv is None else argv),
+        "Container": container_type(),
+        "SoftwareVersions": software_versions(),
+        "Settings": settings,
+    })
 
 
 def software_versions() -> dict:

@@ -1,4 +1,5 @@
-"""Exit codes (BEP027 draft) and the one exception type the CLI turns into a one-line message."""
+"""Exit codes (BEP027 draft, sysexits.h) and the one exception type the CLI turns into a
+one-line message."""
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -6,7 +7,9 @@ EXIT_BIDS_INVALID = 16
 EXIT_UNKNOWN_LEVEL = 17
 EXIT_NO_MATCH = 18
 EXIT_USAGE = 64
+EXIT_DATA_ERROR = 65
 EXIT_MISSING_INPUT = 66
+EXIT_CANT_CREATE = 73
 
 
 class AppError(Exception):
@@ -41,6 +44,14 @@ class BidsValidationError(AppError):
 
 
 class InputDataError(AppError):
-    """Data that exist but cannot be used as they are (NaN, wrong shape, too short)."""
+    """Data that exist but cannot be used as they are (NaN, wrong shape, too short,
+    unparseable): exit 65 when found before any work (inside a step the CLI exits 1 and
+    names the step)."""
 
-    exit_code = EXIT_FAILURE
+    exit_code = EXIT_DATA_ERROR
+
+
+class OutputError(AppError):
+    """The output, work or log folder cannot be created or written (exit 73)."""
+
+    exit_code = EXIT_CANT_CREATE

@@ -3,12 +3,16 @@ surfaces (GIFTI per hemisphere, medial-wall NaN vertices excluded)."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from .bids_inputs import check_readable
 from .errors import InputDataError
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,6 +23,7 @@ class Geometry:
     mask_img: object | None = None  # volume: 3D NIfTI mask on the BOLD grid
     hemi_sizes: tuple[int, int] | None = None  # surface: vertices per hemisphere
     keep: np.ndarray | None = None  # surface: bool over L+R vertices used
+    bad_volumes: tuple[int, ...] = ()  # TRs (of the whole series) interpolated in time
 
     @property
     def n_features(self) -> int:
@@ -77,7 +82,10 @@ def load_bold(bold: list[str], mask: str | None, tr_slice: slice | None = None):
         if hemis[0].shape[0] != hemis[1].shape[0]:
             raise InputDataError(f"{bold[0]} and {bold[1]} have different numbers of TRs")
         Y = np.concatenate(hemis, axis=1)
-        keep = ~np.isnan(Y).any(0)  # the medial wall is NaN in Narratives' GIFTIs
+        bad = bad_volumes(Y)
+        good = np.ones(len(Y), bool)
+        good[bad] = False
+        keep = ~np.isnan(Y[good]).any(0)  # the medial wall is NaN in Narratives' GIFTIs
         geom = Geometry("surface", hemi_sizes=(hemis[0].shape[1], hemis[1].shape[1]), keep=keep)
         Y = Y[:, keep]
     else:
@@ -94,15 +102,55 @@ def load_bold(bold: list[str], mask: str | None, tr_slice: slice | None = None):
             mask_arr = np.asarray(mask_img.dataobj) > 0
         else:
             # No mask shipped: voxels with a non-zero, finite mean signal.
-            mean = np.asarray(img.dataobj[..., : min(10, img.shape[3])], dtype=np.float32).mean(-1)
+            first = np.asarray(img.dataobj[..., : min(10, img.shape[3])], dtype=np.float32)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN volume
+                mean = np.nanmean(first, -1)
             mask_arr = np.isfinite(mean) & (mean != 0)
         mask_img = nib.Nifti1Image(mask_arr.astype(np.uint8), img.affine)
         data = np.asarray(img.dataobj, dtype=np.float32)
         Y = data[mask_arr].T
+        bad = bad_volumes(Y)
         geom = Geometry("volume", mask_img=mask_img)
+    if bad.size:
+        Y = interpolate_volumes(Y, bad)
+        geom.bad_volumes = tuple(int(t) for t in bad)
+        LOGGER.warning("%s: %d volume(s) with no finite signal (TR %s) interpolated in time "
+                       "from their neighbours", bold[0], bad.size,
+                       ", ".join(map(str, bad[:10])) + (" ..." if bad.size > 10 else ""))
     if tr_slice is not None:
         Y = Y[tr_slice]
     return np.ascontiguousarray(Y), geom
+
+
+def bad_volumes(Y: np.ndarray, min_finite: float = 0.5) -> np.ndarray:
+    """TRs (rows of T x V) where fewer than ``min_finite`` of the voxels are finite (an
+    all-NaN volume from a failed reconstruction); voxels NaN at every TR do not count."""
+    finite = np.isfinite(Y)
+    used = finite.any(0)
+    if not used.any():
+        return np.array([], dtype=int)
+    share = finite[:, used].mean(1)
+    return np.flatnonzero(share < min_finite)
+
+
+def interpolate_volumes(Y: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Bad TRs replaced, voxel by voxel, by linear interpolation between the nearest good
+    TRs (the nearest good TR at either end). Needs at least one good TR."""
+    Y = np.array(Y, dtype=np.float32, copy=True)
+    good = np.setdiff1d(np.arange(len(Y)), bad)
+    if not good.size:
+        raise InputDataError("every volume of the BOLD series is empty (NaN); nothing to fit")
+    for t in bad:
+        after = good[good > t]
+        before = good[good < t]
+        if not before.size or not after.size:
+            Y[t] = Y[after[0] if after.size else before[-1]]
+            continue
+        a, b = before[-1], after[0]
+        w = (t - a) / (b - a)
+        Y[t] = (1 - w) * Y[a] + w * Y[b]
+    return Y
 
 
 def same_grid(a, b, atol: float = 1e-3) -> bool:

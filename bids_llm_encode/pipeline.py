@@ -29,7 +29,7 @@ def per_atom(coefs: np.ndarray, k: int, delays: list[int] | None) -> np.ndarray:
 
 
 def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, story, *, hrf,
-                      delays, folds, gap_s, nuisance, baseline_responses=None,
+                      delays, folds, gap_s, nuisance, slice_time_ref, baseline_responses=None,
                       baseline_units=None):
     from .encoding import (
         fit_encoding,
@@ -44,8 +44,10 @@ def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, stor
     nuis = None
     if nuisance:
         words = words_in_scan_time(read_gentle(alignment), audio_onset)
-        nuis_full = nuisance_regressors(words, tr, n_trs, hrf_model=hrf, delays=delays)
-        nuis = nuisance_with_atom_energy(nuis_full[start:stop], atoms)
+        nuis_full = nuisance_regressors(words, tr, n_trs, hrf_model=hrf, delays=delays,
+                                        slice_time_ref=slice_time_ref)
+        # FIR: the energy of the per-TR atoms gets the atoms' delays
+        nuis = nuisance_with_atom_energy(nuis_full[start:stop], atoms, delays=delays)
     res = fit_encoding(Y, features, tr, nuisance=nuis, n_folds=folds, gap_s=gap_s)
     k = atoms.shape[1]
     maps = {
@@ -56,19 +58,30 @@ def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, stor
     if nuis is not None:  # the labelling null refits exactly this banded model
         maps.update(nuisance=nuis, band_alphas=res.band_alphas)
     meta = dict(res.meta, n_atoms=k, delays=delays, nuisance=bool(nuisance),
-                nuisance_columns=["word_rate", "silence", "atom_energy"] if nuisance else [],
-                story_trs=[start, stop], geometry=geom.kind, n_features_space=geom.n_features)
+                nuisance_columns=_nuisance_columns(delays) if nuisance else [],
+                slice_time_ref=slice_time_ref,
+                story_trs=[start, stop], geometry=geom.kind, n_features_space=geom.n_features,
+                # volumes with no usable signal, interpolated in time (imaging.load_bold)
+                bad_volumes=list(geom.bad_volumes))
     base = None
     if baseline_responses is not None:
         X = np.load(baseline_responses)
         units = pd.read_csv(baseline_units, sep="\t")
         layers = [X[:, (units["layer"] == layer).to_numpy()] for layer in
                   sorted(units["layer"].unique())]
-        b = layer_baseline(Y, layers, n_components=k, tr=tr, n_folds=folds, gap_s=gap_s)
-        base = {"r2": b.r2, "r": b.r, "alphas": b.alphas, "fold_r2": b.fold_r2}
-        if hasattr(b, "best_layer"):
-            base["best_layer"] = b.best_layer
+        # same nuisance band and outer folds as the atoms model; layer chosen inside folds
+        b = layer_baseline(Y, layers, n_components=k, tr=tr, nuisance=nuis, n_folds=folds,
+                           gap_s=gap_s)
+        base = {"r2": b.r2, "r": b.r, "alphas": b.alphas, "fold_r2": b.fold_r2,
+                "best_layer": b.best_layer, "fold_layers": b.fold_layers}
     return {"maps": maps, "meta": meta}, base
+
+
+def _nuisance_columns(delays):
+    if not delays:
+        return ["word_rate", "silence", "atom_energy"]
+    return ([f"{n}_delay{d}" for d in delays for n in ("word_rate", "silence")]
+            + [f"atom_energy_delay{d}" for d in delays])
 
 
 def label_participant(bold, mask, atoms, maps, story, *, delays, atlases, labels, threshold,
@@ -84,27 +97,75 @@ def label_participant(bold, mask, atoms, maps, story, *, delays, atlases, labels
     features = atom_features(D, delays)
     k = D.shape[1]
 
+    spatial, spatial_kind = spatial_null(geom, seed=seed)
     if null == "spin":
-        table = label_atoms(coefs, r2, atlas_objs,
-                            spin_null(geom, n_null=n_null, seed=seed), z=threshold)
+        spin = spin_null(geom, n_null=n_null, seed=seed)
+        table = label_atoms(coefs, r2, atlas_objs, spin, z=threshold, spatial_null=spatial)
+        admissible = None
     else:
         # The null refits the model the encoding fitted: with a nuisance band, the banded
         # one with each voxel's band penalties. Streaming: never n_null x k x V at once.
+        # Every admissible shift (at most T - 1): the max-statistic p cannot go below
+        # 1 / (1 + draws), and there is no tail model to go further.
+        n_all = max(int(n_null), Y.shape[0])
         if "nuisance" in enc:
             null_obj = BandedShiftNull(Y, features, enc["nuisance"], alphas,
-                                       enc["band_alphas"], n_null=n_null, seed=seed)
+                                       enc["band_alphas"], n_null=n_all, seed=seed)
         else:
-            null_obj = ShiftNull(Y, features, alphas, n_null=n_null, seed=seed)
+            null_obj = ShiftNull(Y, features, alphas, n_null=n_all, seed=seed)
+        admissible = _admissible_shifts(Y.shape[0], getattr(null_obj, "min_shift", None))
         if delays:
             # FIR: null coefficients per delay are summed per atom like the observed ones.
             null_obj = np.stack([per_atom(c, k, delays) for c in null_obj.to_array()])
-        table = label_atoms(coefs, r2, atlas_objs, null_obj, z=threshold)
+        table = label_atoms(coefs, r2, atlas_objs, null_obj, z=threshold,
+                            spatial_null=spatial)
     table["atom"] = table["atom"] + 1  # 1-based, as atom01.. in the atoms TSV
-    meta = {"atlases": [a.name for a in atlas_objs], "threshold_z": threshold, "null": null,
+    n_draws = int(table["n_null"].iloc[0]) if len(table) else 0
+    meta = {"atlases": [a.name for a in atlas_objs],
+            # what outputs.write_participant_outputs needs to write each atlas on the grid
+            "atlas_specs": [str(a) for a in atlases], "atlas_labels": list(labels or []),
+            "threshold_z": threshold, "null": null,
             "n_null": n_null, "seed": seed,
             "threshold_rule": "coefficient / the voxel's null sd (pooled over atoms), every "
-                              "voxel with data; null maps cut the same way"}
+                              "voxel with data; null maps cut the same way",
+            "NullDrawsUsed": n_draws, "AdmissibleShifts": admissible,
+            "TestedStatistic": "dice",
+            "TemporalCorrection": "max-statistic FWER (Westfall-Young single step) over "
+                                  "atoms x directions x atlases x networks, rows "
+                                  "standardised by their own null",
+            "SpatialNull": spatial_kind,
+            "SpatialNullDraws": int(table["n_space"].max()) if len(table) else 0,
+            "SpatialCorrection": "max-statistic FWER over the rows of the atoms with a "
+                                 "p_time < .05 row",
+            "LabelRule": "significant = p_time < .05 and p_space < .05; q = max(p_time, "
+                         "p_space)"}
     return table, meta
+
+
+#: Surrogates per atom map of the spatial null (p_space): the smallest p is 1 / 101.
+N_SPATIAL_NULL = 100
+
+
+def _admissible_shifts(T: int, min_shift) -> int | None:
+    """Distinct circular shifts of T TRs at least ``min_shift`` from 0 (ShiftNull's rule)."""
+    if min_shift is None:
+        return None
+    m = max(1, int(min_shift))
+    return int(max(0, T - 2 * m + 1))
+
+
+def spatial_null(geom, seed: int, n_null: int = N_SPATIAL_NULL):
+    """(null, description) for p_space: variogram-matched surrogates (volumes) or spins
+    (surfaces; None when the fsaverage sphere cannot be had offline)."""
+    from .networks import VariogramNull
+
+    if geom.kind == "surface":
+        try:
+            return spin_null(geom, n_null=n_null, seed=seed), f"spin ({n_null} rotations)"
+        except AppError as exc:
+            return None, f"none: {exc}"
+    return (VariogramNull.from_mask(geom.mask_img, n_null=n_null, seed=seed),
+            f"variogram-matched surrogates (brainsmash Sampled, {n_null} per atom)")
 
 
 def spin_null(geom, n_null: int, seed: int):

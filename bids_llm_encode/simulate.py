@@ -2,10 +2,14 @@
 
 Each planted network gets the signal ``sign x mean(z-scored, HRF-convolved responses of a
 random sub-group of the model's artificial neurons)``; every voxel of that network (in the
-default Seitzman 2018 atlas, drawn on the simulation grid) carries it at the requested
-signal-to-noise ratio (variance ratio) on top of spatially smooth, temporally
-autocorrelated noise. Everything else is noise only. ``sourcedata/ground_truth.json`` says
-what was planted (networks, signs, AN sub-group ids, seed) so tests can check recovery.
+default atlas: the bundled kong2019 = Schaefer 400 x Kong 17 networks, large irregular
+parcels, read here from its files, not through the app's atlas code; or seitzman2018
+spheres) carries it at the requested signal-to-noise ratio (variance ratio) on top of
+spatially smooth (Gaussian, ``noise_fwhm`` mm), temporally autocorrelated noise. With
+``global_amp`` > 0 another sub-group's response is added to every brain voxel (a broadly
+predictive component that is no network). Everything else is noise only.
+``sourcedata/ground_truth.json`` says what was planted (networks, signs, AN sub-group ids,
+global component, noise smoothness, seed) so tests can check recovery.
 
 The grid is nilearn's bundled MNI152 2009 template resampled to ``resolution`` mm (default
 4 mm); files are labelled ``space-MNI152NLin2009cAsym`` like Narratives' derivatives.
@@ -33,7 +37,26 @@ LOGGER = logging.getLogger(__name__)
 MUSIC_S = 13.0  # like pieman: 13 s of music, story from 15 s
 STORY_ONSET_S = 15.0
 TAIL_S = 12.0  # scan continues after the last word so the HRF can return
-DEFAULT_PLANTED = ("DefaultMode:+", "Auditory:-")
+DEFAULT_PLANTED = ("DefaultA:+", "Language:-")
+DEFAULT_SIM_ATLAS = "kong2019"
+DEFAULT_NOISE_FWHM_MM = 10.0
+
+
+SIM_UNITS = "mlp-out"
+SIM_SLICE_TIME_REF = 0.5  # volumes sampled mid-TR, like afni-nosmooth / fMRIPrep
+
+
+def _sim_hrf(lag_s: np.ndarray) -> np.ndarray:
+    """Glover (1999) double gamma at ``lag_s`` seconds after an impulse (0 before), peak 1.
+
+    Written here on purpose (scipy only): the simulator must not share the app's timing."""
+    from scipy.stats import gamma
+
+    def h(t):
+        return gamma.pdf(t, 6.0 / 0.9, scale=0.9) - 0.35 * gamma.pdf(t, 12.0 / 0.9, scale=0.9)
+
+    lag = np.asarray(lag_s, dtype=float)
+    return np.where(lag >= 0, h(np.maximum(lag, 0.0)), 0.0) / h(np.linspace(4, 7, 3001)).max()
 
 
 @dataclass
@@ -43,7 +66,7 @@ class Planted:
 
     @classmethod
     def parse(cls, text: str) -> "Planted":
-        m = re.fullmatch(r"\s*([A-Za-z0-9_\-]+)\s*:\s*([+-])\s*", text)
+        m = re.fullmatch(r"\s*([A-Za-z0-9_\-/()]+)\s*:\s*([+-])\s*", text)
         if not m:
             raise UsageError(f"--planted entry {text!r} must look like NETWORK:+ or NETWORK:-")
         return cls(m.group(1), 1 if m.group(2) == "+" else -1)
@@ -127,7 +150,41 @@ def zscore(x: np.ndarray, axis: int = 0) -> np.ndarray:
     return (x - x.mean(axis=axis, keepdims=True)) / np.where(sd > 0, sd, 1)
 
 
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def _bundled_labels(mask_img):
+    """The bundled kong2019 dseg on the simulation grid, read with nibabel / nilearn and
+    pandas only (not the app's atlas loader): (labels over mask voxels, index -> name)."""
+    import nibabel as nib
+    from nilearn.image import resample_to_img
+
+    base = resources.files("bids_llm_encode.data").joinpath("atlases")
+    stem = "tpl-FSLMNI2mm_atlas-kong2019_res-02_dseg"
+    img = nib.load(str(base.joinpath(f"{stem}.nii.gz")))
+    res = resample_to_img(img, mask_img, interpolation="nearest", force_resample=True,
+                          copy_header=True)
+    vol = np.rint(np.asarray(res.dataobj)).astype(np.int32)
+    table = pd.read_csv(str(base.joinpath(f"{stem}.tsv")), sep="\t")
+    labels = vol[np.asarray(mask_img.dataobj) > 0]
+    return labels, dict(zip(table["index"].astype(int), table["name"].astype(str),
+                            strict=True))
+
+
 # --------------------------------------------------------------------------- writer
+def _write_silent_wav(path: Path, seconds: float, rate: int = 1000) -> None:
+    """The events' stim_file must exist (BIDS validator): a silent 8-bit mono WAV of the
+    stimulus' length (the simulator has no audio; nothing reads it)."""
+    import wave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(rate)
+        w.writeframes(b"\x80" * int(round(seconds * rate)))
+
+
 def simulate_dataset(out_dir: str | Path, **kwargs) -> dict:
     """Write the dataset into a temporary sibling folder, then move it into place, so a
     failed simulation never leaves a half-written dataset. Returns the ground truth."""
@@ -162,11 +219,15 @@ def _simulate_into(
     subgroup_size: int = 64,
     tr: float = 1.5,
     progress: bool = True,
+    atlas: str = DEFAULT_SIM_ATLAS,
+    global_amp: float = 0.0,
+    noise_fwhm: float = DEFAULT_NOISE_FWHM_MM,
 ) -> dict:
     """Write the dataset and return the ground truth (also in sourcedata/ground_truth.json)."""
     import nibabel as nib
 
-    from .extraction import extract_responses
+    from .compute import resolve_device
+    from .extraction import iter_word_activations, load_model, model_units, resolve_model
     from .networks import load_atlas
 
     out = Path(out_dir)
@@ -201,37 +262,68 @@ def _simulate_into(
     story_end = float(words["offset"].iloc[-1])
     n_trs = int(math.ceil((story_end + TAIL_S) / tr))
 
-    # The model's artificial neurons on this story: the raw material of the signal.
-    resp = extract_responses(words, tr, n_trs, model=model, progress=progress)
-    X = zscore(resp.X.astype(np.float64))
-    varying = np.flatnonzero(resp.X.std(0) > 1e-8)
+    # The model's artificial neurons on this story, word by word: the raw material of the
+    # signal. The BOLD's timing is the simulator's own (_sim_hrf: each word an impulse at its
+    # onset, volumes sampled mid-TR), never the app's timing / regressor code, so a timing
+    # bug on either side shows up as lost signal.
+    lm = load_model(resolve_model(model), resolve_device("auto"), "float32", progress=progress)
+    onsets = words["onset"].to_numpy(dtype=float)
+    t_vol = (np.arange(n_trs) + SIM_SLICE_TIME_REF) * tr
+    X_sim = np.zeros((n_trs, lm.n_units(SIM_UNITS)))
+    for w_idx, vecs in iter_word_activations(lm, words, SIM_UNITS, progress=progress):
+        X_sim += _sim_hrf(t_vol[:, None] - onsets[w_idx][None, :]) @ vecs
+    an_table = model_units(lm, SIM_UNITS)
+    X = zscore(X_sim)
+    varying = np.flatnonzero(X_sim.std(0) > 1e-8)
 
     mask_img = simulation_grid(resolution)
     mask = mask_img.get_fdata() > 0
-    atlas = load_atlas("seitzman2018", mask_img, mask_img)
-    names = {v: k for k, v in atlas.names.items()}
+    if global_amp < 0:
+        raise UsageError("--global must be >= 0 (amplitude in noise standard deviations)")
+    if noise_fwhm < 0:
+        raise UsageError("--noise-fwhm must be >= 0 (mm)")
+    if str(atlas).lower() == DEFAULT_SIM_ATLAS:
+        atlas_labels, atlas_names = _bundled_labels(mask_img)
+    else:
+        atlas_obj = load_atlas(atlas, mask_img, mask_img)
+        atlas_labels, atlas_names = atlas_obj.labels, atlas_obj.names
+    names = {v: k for k, v in atlas_names.items()}
     truth_nets = []
     for p in plants:
         if p.network not in names:
             raise UsageError(
-                f"--planted network {p.network!r} is not in the Seitzman 2018 atlas; "
+                f"--planted network {p.network!r} is not in the {atlas} atlas; "
                 f"choose from {', '.join(sorted(names))}"
             )
         idx = np.sort(rng.choice(varying, size=min(subgroup_size, len(varying)), replace=False))
         signal = zscore(X[:, idx].mean(1))
-        voxels = atlas.labels == names[p.network]
+        voxels = atlas_labels == names[p.network]
         truth_nets.append(
             dict(
                 network=p.network,
                 sign=p.sign,
                 an_indices=idx.tolist(),
-                an_ids=resp.units["an_id"].iloc[idx].tolist(),
+                an_ids=an_table["an_id"].iloc[idx].tolist(),
                 n_voxels=int(voxels.sum()),
                 signal=np.round(signal, 5).tolist(),
                 _voxels=voxels,
                 _signal=signal,
             )
         )
+
+    # A broadly predictive component: another AN sub-group (none of the planted ones) in
+    # every brain voxel, at global_amp noise standard deviations.
+    global_truth = None
+    if global_amp > 0:
+        used = {i for n in truth_nets for i in n["an_indices"]}
+        pool = np.array([i for i in varying if i not in used]) if len(varying) > len(used) \
+            else varying
+        gidx = np.sort(rng.choice(pool, size=min(subgroup_size, len(pool)), replace=False))
+        gsig = zscore(X[:, gidx].mean(1))
+        global_truth = dict(amplitude=global_amp, an_indices=gidx.tolist(),
+                            an_ids=an_table["an_id"].iloc[gidx].tolist(),
+                            n_voxels=int(mask.sum()), signal=np.round(gsig, 5).tolist(),
+                            _signal=gsig)
 
     # Raw BIDS tree.
     write_json(out / "dataset_description.json", {
@@ -256,6 +348,8 @@ def _simulate_into(
         "trial_type": ["music", "story"],
         "stim_file": [f"{task}_audio.wav"] * 2,
     })
+    _write_silent_wav(out / "stimuli" / f"{task}_audio.wav",
+                      float(events["onset"].iloc[-1] + events["duration"].iloc[-1]))
     deriv = out / "derivatives" / "afni-nosmooth"
     write_json(deriv / "dataset_description.json", {
         "Name": "afni-nosmooth (simulated)",
@@ -279,7 +373,9 @@ def _simulate_into(
         )
         amp = float(rng.uniform(0.8, 1.2))
         amplitudes[s] = amp
-        data = smooth_noise(rng, mask, n_trs)
+        data = smooth_noise(rng, mask, n_trs, sigma_vox=noise_fwhm / FWHM_PER_SIGMA / resolution)
+        if global_truth is not None:
+            data += (amp * global_amp * global_truth["_signal"][:, None]).astype(np.float32)
         for net in truth_nets:
             data[:, net["_voxels"]] += (
                 net["sign"] * amp * math.sqrt(snr) * net["_signal"][:, None]
@@ -301,12 +397,20 @@ def _simulate_into(
         "seed": seed,
         "snr": snr,
         "model": model,
-        "units": resp.meta.get("units", "mlp-out"),
-        "n_ans": int(resp.X.shape[1]),
+        "units": SIM_UNITS,
+        "n_ans": int(X_sim.shape[1]),
+        "slice_time_ref": SIM_SLICE_TIME_REF,
+        "hrf": "Glover double gamma (scipy, continuous time), sum of word impulses",
         "tr": tr,
         "n_trs": n_trs,
         "resolution_mm": resolution,
-        "atlas": "seitzman2018",
+        "atlas": str(atlas),
+        "noise": {"fwhm_mm": noise_fwhm,
+                  "sigma_voxels": noise_fwhm / FWHM_PER_SIGMA / resolution,
+                  "ar1": 0.3, "note": "Gaussian-smoothed white noise volume per TR, AR(1) "
+                  "in time, scaled to unit variance per voxel"},
+        "global": ({k: v for k, v in global_truth.items() if not k.startswith("_")}
+                   if global_truth is not None else None),
         "participants": subjects,
         "amplitudes": amplitudes,
         "networks": [{k: v for k, v in n.items() if not k.startswith("_")} for n in truth_nets],

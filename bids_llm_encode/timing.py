@@ -9,6 +9,11 @@ One place for the time conventions every stage shares:
 * TR ``t`` covers scan time ``[t * tr, (t + 1) * tr)``; a word belongs to the TR that holds
   its onset. Words outside ``[0, n_trs * tr)`` belong to no TR.
 * Regressors are causal: an HRF-convolved value at TR ``t`` depends only on TRs ``<= t``.
+* HRF regressors are built in continuous time: each word is an impulse at its onset
+  carrying its value (sum of impulses); the canonical kernel is evaluated exactly at
+  (sample time - onset) and volume ``t`` is sampled at ``(t + slice_time_ref) * tr`` (the
+  slice-timing reference of the preprocessed data; 0.5 = mid-TR). FIR delays keep the
+  per-TR means.
 """
 
 from __future__ import annotations
@@ -71,29 +76,109 @@ def bin_words_to_trs(values: np.ndarray, onsets: np.ndarray, tr: float, n_trs: i
     return acc.means()
 
 
-def hrf_kernel(tr: float, hrf_model: str = "glover") -> np.ndarray:
-    """The canonical HRF sampled once per TR (nilearn's Glover or SPM), peak-normalised."""
-    from nilearn.glm.first_level import hemodynamic_models as hm
+# Double-gamma parameters (peak delay, undershoot delay, dispersions, undershoot ratio) of
+# Glover (1999) and SPM, as in nilearn's hemodynamic_models, in continuous time (no
+# sampling offset): shape = delay / dispersion, scale = dispersion.
+HRF_PARAMS = {
+    "glover": dict(delay=6.0, undershoot=12.0, dispersion=0.9, u_dispersion=0.9, ratio=0.35),
+    "spm": dict(delay=6.0, undershoot=16.0, dispersion=1.0, u_dispersion=1.0, ratio=1 / 6),
+}
+_PEAK = {}
 
-    funcs = {"glover": hm.glover_hrf, "spm": hm.spm_hrf}
-    if hrf_model not in funcs:
-        raise ValueError(f"unknown HRF model {hrf_model!r}; choose one of {sorted(funcs)}")
-    kernel = funcs[hrf_model](tr, oversampling=1, time_length=HRF_LENGTH_S)
-    return (kernel / np.abs(kernel).max()).astype(np.float64)
+
+def hrf_function(t, hrf_model: str = "glover") -> np.ndarray:
+    """The canonical HRF at times ``t`` (s after the impulse), peak-normalised to 1.
+
+    Continuous time: zero before the impulse and after ``HRF_LENGTH_S``."""
+    from scipy.stats import gamma
+
+    if hrf_model not in HRF_PARAMS:
+        raise ValueError(f"unknown HRF model {hrf_model!r}; choose one of {sorted(HRF_PARAMS)}")
+    p = HRF_PARAMS[hrf_model]
+    t = np.asarray(t, dtype=np.float64)
+
+    def raw(x):
+        return (gamma.pdf(x, p["delay"] / p["dispersion"], scale=p["dispersion"])
+                - p["ratio"] * gamma.pdf(x, p["undershoot"] / p["u_dispersion"],
+                                         scale=p["u_dispersion"]))
+
+    if hrf_model not in _PEAK:
+        grid = np.arange(0.0, HRF_LENGTH_S, 0.001)
+        _PEAK[hrf_model] = float(raw(grid).max())
+    out = raw(np.clip(t, 0.0, None)) / _PEAK[hrf_model]
+    return np.where((t < 0) | (t > HRF_LENGTH_S), 0.0, out)
 
 
-def hrf_convolve(X: np.ndarray, tr: float, hrf_model: str = "glover") -> np.ndarray:
-    """Causally convolve every column of ``X`` (n_trs x F) with the HRF; same shape, float32."""
-    from scipy.signal import fftconvolve
+def sample_times(tr: float, n_trs: int, slice_time_ref: float = 0.5) -> np.ndarray:
+    """Scan time (s) at which each volume is sampled: ``(t + slice_time_ref) * tr``."""
+    if not 0.0 <= float(slice_time_ref) <= 1.0:
+        raise ValueError(f"slice_time_ref must be in [0, 1], got {slice_time_ref!r}")
+    return (np.arange(n_trs) + float(slice_time_ref)) * float(tr)
 
-    X = np.asarray(X, dtype=np.float64)
-    squeeze = X.ndim == 1
-    if squeeze:
-        X = X[:, None]
-    kernel = hrf_kernel(tr, hrf_model)
-    out = fftconvolve(X, kernel[:, None], mode="full", axes=0)[: X.shape[0]]
-    out = out.astype(np.float32)
-    return out[:, 0] if squeeze else out
+
+def hrf_design(onsets, tr: float, n_trs: int, slice_time_ref: float = 0.5,
+               hrf_model: str = "glover") -> np.ndarray:
+    """H (n_trs x n_events): the kernel at (sample time - onset); ``H @ values`` is the
+    sum-of-impulses regressor of events at ``onsets`` carrying ``values``."""
+    onsets = np.asarray(onsets, dtype=np.float64)
+    lag = sample_times(tr, n_trs, slice_time_ref)[:, None] - onsets[None, :]
+    return hrf_function(lag, hrf_model)
+
+
+class HRFAccumulator:
+    """Streaming continuous-time HRF regressors: ``X += H[:, words] @ values`` per chunk.
+
+    Words are impulses at their onsets (words before the scan still reach it through the
+    kernel's tail; NaN onsets are skipped); memory is O(n_trs x n_features)."""
+
+    def __init__(self, n_trs: int, n_features: int, tr: float, slice_time_ref: float = 0.5,
+                 hrf_model: str = "glover", block: int = 4096):
+        self.n_trs, self.n_features, self.tr = n_trs, n_features, float(tr)
+        self.slice_time_ref, self.hrf_model = float(slice_time_ref), hrf_model
+        sample_times(tr, 1, slice_time_ref)  # validate
+        hrf_function(0.0, hrf_model)
+        self.block = block
+        self.X = np.zeros((n_trs, n_features), dtype=np.float32)
+
+    def add(self, onsets: np.ndarray, values: np.ndarray) -> None:
+        onsets = np.asarray(onsets, dtype=np.float64)
+        keep = np.isfinite(onsets)
+        if not keep.any():
+            return
+        values = np.asarray(values)
+        if values.ndim == 1:
+            values = values[:, None]
+        H = hrf_design(onsets[keep], self.tr, self.n_trs, self.slice_time_ref, self.hrf_model)
+        values = values[keep]
+        for lo in range(0, self.n_features, self.block):
+            hi = min(self.n_features, lo + self.block)
+            self.X[:, lo:hi] += (H @ values[:, lo:hi].astype(np.float64)).astype(np.float32)
+
+
+def hrf_regressors(values: np.ndarray, onsets: np.ndarray, tr: float, n_trs: int,
+                   slice_time_ref: float = 0.5, hrf_model: str = "glover") -> np.ndarray:
+    """Sum-of-impulses HRF regressors (n_trs x F, float32) of word-level ``values``."""
+    values = np.asarray(values)
+    if values.ndim == 1:
+        values = values[:, None]
+    acc = HRFAccumulator(n_trs, values.shape[1], tr, slice_time_ref, hrf_model)
+    acc.add(onsets, values)
+    return acc.X
+
+
+def boxcar_hrf_regressors(per_tr: np.ndarray, tr: float, slice_time_ref: float = 0.5,
+                          hrf_model: str = "glover", step: float = 0.1) -> np.ndarray:
+    """HRF regressors of per-TR values held over each TR ``[t*tr, (t+1)*tr)`` (a boxcar),
+    convolved in continuous time at ``step`` s; a whole TR at 1 weighs like one impulse."""
+    per_tr = np.asarray(per_tr, dtype=np.float64)
+    if per_tr.ndim == 1:
+        per_tr = per_tr[:, None]
+    n_trs = per_tr.shape[0]
+    n_sub = max(1, int(np.ceil(tr / step)))
+    offs = (np.arange(n_sub) + 0.5) * (tr / n_sub)
+    onsets = (np.arange(n_trs)[:, None] * tr + offs[None, :]).ravel()
+    values = np.repeat(per_tr, n_sub, axis=0) / n_sub
+    return hrf_regressors(values, onsets, tr, n_trs, slice_time_ref, hrf_model)
 
 
 def fir_delays(X: np.ndarray, delays: list[int] | tuple[int, ...]) -> np.ndarray:
@@ -115,15 +200,18 @@ def fir_delays(X: np.ndarray, delays: list[int] | tuple[int, ...]) -> np.ndarray
 def to_regressors(
     X_raw: np.ndarray,
     tr: float,
-    hrf_model: str = "glover",
+    hrf_model: str = "none",
     delays: list[int] | tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    """Per-TR responses -> regressors: FIR delays when ``delays`` is given, else HRF."""
+    """Per-TR responses -> regressors: FIR delays when ``delays`` is given, ``X_raw`` as is
+    for ``hrf_model="none"``. HRF regressors are built from word onsets instead
+    (:class:`HRFAccumulator`, :func:`boxcar_hrf_regressors`)."""
     if delays:
         return fir_delays(X_raw, delays).astype(np.float32)
     if hrf_model == "none":
         return np.asarray(X_raw, dtype=np.float32)
-    return hrf_convolve(X_raw, tr, hrf_model)
+    raise ValueError("HRF regressors are built in continuous time from word onsets "
+                     "(timing.HRFAccumulator); to_regressors takes FIR delays or 'none'")
 
 
 def check_word_table(words: pd.DataFrame) -> pd.DataFrame:

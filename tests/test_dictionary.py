@@ -116,6 +116,65 @@ def test_determinism_and_other_seed(data, fitted):
     assert r.min() > 0.9 and f1 > 0.8
 
 
+def _signed_r(a, b):
+    a = (a - a.mean(0)) / a.std(0)
+    b = (b - b.mean(0)) / b.std(0)
+    return (a * b).mean(0)
+
+
+def test_atom_sign_convention_mean_loading_positive():
+    # planted loadings mostly positive: the documented sign makes every atom's mean loading
+    # positive, so the learned atoms must correlate positively with the planted ones
+    rng = np.random.default_rng(7)
+    T, k, N = 150, 6, 1500
+    D = rng.standard_normal((T, k))
+    D -= D.mean(0)
+    D /= np.linalg.norm(D, axis=0)
+    A = np.zeros((k, N))
+    for i in range(N):
+        sup = rng.choice(k, 2, replace=False)
+        A[sup, i] = np.where(rng.random(2) < 0.8, 1, -1) * rng.uniform(1, 2, 2)
+    X = (D @ A + 0.1 * rng.standard_normal((T, N))).astype(np.float32)
+    fits = {"X seed 0": learn_dictionary(X, k, seed=0, progress=False, max_iter=60),
+            "X seed 1": learn_dictionary(X, k, seed=1, progress=False, max_iter=60),
+            "-X seed 0": learn_dictionary(-X, k, seed=0, progress=False, max_iter=60)}
+    for name, res in fits.items():
+        L = res.loadings.toarray()
+        assert (L.mean(1) > 0).all(), name
+        ri, ci, r = match_atoms(D, res.atoms)
+        assert r.min() > 0.9, name
+        signed = _signed_r(D[:, ri], res.atoms[:, ci].astype(np.float64))
+        # X = D A: atoms as planted; -X = (-D) A: atoms negated, loadings still positive
+        expected = -1.0 if name.startswith("-X") else 1.0
+        assert np.all(signed * expected > 0.9), (name, signed)
+    # reconstruction and fit quality do not depend on the input's sign convention
+    assert fits["-X seed 0"].stats["explained_variance"] == pytest.approx(
+        fits["X seed 0"].stats["explained_variance"], abs=1e-4)
+    assert fits["X seed 0"].meta["atom_sign"].startswith("each atom is signed")
+
+
+def test_orient_atoms_ties_broken_by_skewness_and_reconstruction_kept():
+    from bids_llm_encode.dictionary.learn import orient_atoms
+
+    rng = np.random.default_rng(8)
+    T = 100
+    skewed = rng.exponential(1.0, T)  # positive skewness
+    D = np.column_stack([skewed, -skewed, rng.standard_normal(T)]).astype(np.float32)
+    A = np.array([[0.0, 0.0, 0.0, 0.0],  # no AN: tie -> skewness (already positive)
+                  [0.0, 0.0, 0.0, 0.0],  # no AN, negative skew: flipped
+                  [-1.0, -2.0, 0.5, 0.0]], np.float32)  # mean loading negative: flipped
+    D2, A2 = orient_atoms(D, A)
+    np.testing.assert_allclose(D2 @ A2, D @ A, atol=1e-6)
+    np.testing.assert_array_equal(D2[:, 0], skewed.astype(np.float32))
+    np.testing.assert_array_equal(D2[:, 1], skewed.astype(np.float32))
+    np.testing.assert_array_equal(A2[2], -A[2])
+    np.testing.assert_array_equal(D2[:, 2], -D[:, 2])
+    # exact cancellation is a tie too: the skewness decides
+    D3, A3 = orient_atoms(D[:, 1:2], np.array([[1.0, -1.0]], np.float32))
+    np.testing.assert_array_equal(D3[:, 0], skewed.astype(np.float32))
+    np.testing.assert_array_equal(A3, [[-1.0, 1.0]])
+
+
 def test_constant_ans_dropped_and_subgroup_table(data):
     X, _, _ = data
     X = X[:, :1200].copy()
@@ -128,7 +187,7 @@ def test_constant_ans_dropped_and_subgroup_table(data):
     units = pd.DataFrame({"an_id": [f"L{i % 4}.{i}" for i in range(1200)],
                           "layer": np.arange(1200) % 4, "index": np.arange(1200)})
     tab = subgroup_table(res, units)
-    assert list(tab["atom"]) == list(range(8))
+    assert list(tab["atom"]) == list(range(1, 9))  # 1-based like atomNN and networks.tsv
     assert {"n_ans", "fraction", "layer_hist", "top_layer"} <= set(tab.columns)
     assert tab["n_ans"].tolist() == res.stats["ans_per_atom"]
     row = tab.iloc[0]

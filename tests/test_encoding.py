@@ -267,6 +267,74 @@ def test_layer_baseline_pca_inside_training_folds(monkeypatch):
         assert calls[li * 6 + 5].shape[0] == T
 
 
+def _hand_baseline_fold_r2(Y, X, train, test, nc, alpha):
+    """Oracle (numpy only): z-score on training rows, PCA on them, standardised PC scores,
+    ridge without intercept at one penalty, held-out R2 per voxel."""
+    def z(A):
+        m, s = A[train].mean(0), A[train].std(0)
+        s[s == 0] = 1.0
+        return (A[train] - m) / s, (A[test] - m) / s
+
+    Xtr, Xte = z(X.astype(np.float64))
+    comps = np.linalg.svd(Xtr, full_matrices=False)[2][:nc]
+    Str, Ste = Xtr @ comps.T, Xte @ comps.T
+    m, s = Str.mean(0), Str.std(0)
+    Str, Ste = (Str - m) / s, (Ste - m) / s
+    Ytr, Yte = z(Y.astype(np.float64))
+    W = np.linalg.solve(Str.T @ Str + alpha * np.eye(nc), Str.T @ Ytr)
+    err = Yte - Ste @ W
+    return 1 - (err**2).sum(0) / ((Yte - Yte.mean(0)) ** 2).sum(0)
+
+
+def test_layer_baseline_layer_chosen_inside_folds_and_scored_held_out():
+    rng = np.random.default_rng(11)
+    latents = [smooth_timecourses(rng, T, 3) for _ in range(2)]
+    layers = [z @ rng.standard_normal((3, 30)) + 0.3 * rng.standard_normal((T, 30))
+              for z in latents]
+    # layer 0 drives the BOLD in the first half of the scan, layer 1 in the second half:
+    # the last outer fold's training TRs favour layer 0 while its test block favours layer 1
+    # (and the reverse for the first fold), so a choice made on outer scores would differ.
+    half = np.arange(T) < T // 2
+    S = np.where(half[:, None], latents[0] @ rng.standard_normal((3, 40)),
+                 latents[1] @ rng.standard_normal((3, 40)))
+    Y = (S / S.std(0) + 0.5 * rng.standard_normal((T, 40))).astype(np.float32)
+    out = layer_baseline(Y, layers, n_components=4, tr=TR, backend="numpy", alphas=[10.0])
+    assert out.fold_layers.tolist()[0] == 1 and out.fold_layers.tolist()[-1] == 0
+    outer_pick = np.array([[lr.fold_r2[f].mean() for lr in out.layers]
+                           for f in range(5)]).argmax(1)
+    assert outer_pick[0] == 0 and outer_pick[-1] == 1  # the held-out pick would differ
+    # reported scores = hand-computed held-out scores of the layers chosen in each fold
+    hand = []
+    for f, fold in enumerate(out.meta["folds"]):
+        train = np.concatenate([np.arange(a, b) for a, b in fold["train"]])
+        test = np.concatenate([np.arange(a, b) for a, b in fold["test"]])
+        hand.append(_hand_baseline_fold_r2(Y, layers[out.fold_layers[f]], train, test, 4, 10.0))
+    np.testing.assert_allclose(out.fold_r2, np.array(hand), atol=2e-4)
+    np.testing.assert_allclose(out.r2, np.mean(hand, 0), atol=2e-4)
+    # the choice only uses training TRs: a different test block changes no choice
+    Y2 = Y.copy()
+    test0 = np.concatenate([np.arange(a, b) for a, b in out.meta["folds"][0]["test"]])
+    Y2[test0] = rng.standard_normal((len(test0), 40))
+    out2 = layer_baseline(Y2, layers, n_components=4, tr=TR, backend="numpy", alphas=[10.0])
+    np.testing.assert_allclose(out2.inner_scores[0], out.inner_scores[0], rtol=1e-5)
+
+
+def test_layer_baseline_with_nuisance_band():
+    rng = np.random.default_rng(12)
+    latents = [smooth_timecourses(rng, T, 3) for _ in range(2)]
+    layers = [z @ rng.standard_normal((3, 30)) + 0.3 * rng.standard_normal((T, 30))
+              for z in latents]
+    nuis = smooth_timecourses(rng, T, 2)
+    S = latents[1] @ rng.standard_normal((3, 30))
+    N = nuis @ rng.standard_normal((2, 30))
+    Y = (S / S.std(0) + N / N.std(0) + rng.standard_normal((T, 30))).astype(np.float32)
+    without = layer_baseline(Y, layers, n_components=4, tr=TR, backend="numpy")
+    banded = layer_baseline(Y, layers, n_components=4, tr=TR, backend="numpy", nuisance=nuis)
+    assert banded.layers[0].meta["bands"] == ["layer 0 PCA", "nuisance"]
+    assert banded.fold_layers.tolist() == [1] * 5 and banded.best_layer == 1
+    assert np.mean(banded.r2) > np.mean(without.r2) + 0.1
+
+
 def test_torch_backend_matches_and_backend_restored(planted_fit):
     pytest.importorskip("torch")
     from himalaya.backend import get_backend, set_backend

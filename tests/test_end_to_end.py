@@ -35,9 +35,10 @@ def sim(tmp_path_factory):
     from bids_llm_encode.simulate import simulate_dataset
 
     root = tmp_path_factory.mktemp("e2e")
-    # Visual rather than the default Auditory: at 8 mm Auditory's 12 spheres are 15 voxels
+    # the default atlas (kong2019) and planted networks: at 8 mm DefaultA is 169 voxels,
+    # Language 90
     truth = simulate_dataset(root / "bids", n_participants=3, resolution=8, snr=1.0,
-                             planted=("DefaultMode:+", "Visual:-"), seed=0, progress=False)
+                             planted=("DefaultA:+", "Language:-"), seed=0, progress=False)
     return {"root": root, "bids": root / "bids", "truth": truth}
 
 
@@ -127,7 +128,7 @@ def test_planted_voxels_have_higher_heldout_r2(full_run):
 
     out, truth = full_run["out"], full_run["truth"]
     mask = out / "sub-001" / "func" / f"sub-001_task-pieman_space-{SPACE}_desc-brain_mask.nii.gz"
-    atlas = load_atlas("seitzman2018", str(mask), str(mask))
+    atlas = load_atlas("kong2019", str(mask), str(mask))
     planted = np.isin(atlas.labels, [k for k, v in atlas.names.items()
                                      if v in {n["network"] for n in truth["networks"]}])
     inside = nib.load(mask).get_fdata() > 0
@@ -259,3 +260,18 @@ def test_nothing_planted_null_calibration_and_no_group_labels(tmp_path):
     group = pd.read_csv(out / "group" / f"task-pieman_space-{SPACE}_model-smollm2_networks.tsv",
                         sep="\t")
     assert (group["q"] >= 0.05).all(), group.nsmallest(5, "q")
+
+
+def test_bids_validator_passes_outputs_and_simulated_input(full_run):
+    """bids-validator-deno (the [test] extra, offline) reports no error on the derivatives
+    of the full run nor on the simulated input (-r: with its afni-nosmooth derivatives)."""
+    import shutil
+
+    if shutil.which("bids-validator-deno") is None:
+        pytest.skip("bids-validator-deno not installed (pip install -e .[test])")
+    for args in (["-r", str(full_run["bids"])], [str(full_run["out"])]):
+        proc = subprocess.run(["bids-validator-deno", "--format", "json", *args],
+                              capture_output=True, text=True, timeout=600)
+        issues = json.loads(proc.stdout)["issues"]["issues"]
+        errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
+        assert errors == [], (args, errors[:20])

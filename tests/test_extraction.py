@@ -238,9 +238,12 @@ def test_shapes_units_meta(model, units, n_ans, story, n_trs, smol, minilm, smol
     # TRs with words have responses, TRs before the first word (15 s) are zero
     first_tr = int(story["onset"].iloc[0] // TR)
     assert not res.X_raw[:first_tr].any() and res.X_raw[first_tr].any()
-    # X is the timing module's HRF regressors of X_raw (computed in column blocks)
-    np.testing.assert_allclose(res.X, timing.to_regressors(res.X_raw, TR, "glover"),
-                               rtol=1e-5, atol=1e-5 * np.abs(res.X).max())
+    # X: continuous-time HRF regressors of the words, sampled mid-TR: zero at every volume
+    # sampled before the first word's onset, non-zero once the kernel has started
+    assert m["slice_time_ref"] == 0.5 and m["hrf_model"] == "glover"
+    t_vol = (np.arange(n_trs) + 0.5) * TR
+    first_on = story["onset"].iloc[0]
+    assert not res.X[t_vol <= first_on].any() and res.X[np.argmax(t_vol > first_on + 1)].any()
     wc = res.word_context
     assert len(wc) == N_WORDS and (wc["n_tokens"] >= 1).all()
     json_safe = __import__("json").dumps(m)
@@ -311,6 +314,11 @@ def test_cache_reuse(minilm, smol, story, n_trs, tmp_path, caplog):
     assert not any("cache hit" in r.getMessage() for r in caplog.records)
     assert not np.array_equal(third.X, first.X)
     assert len(list(tmp_path.iterdir())) == 4  # no temporary files left behind
+    # the volumes' sample time is part of the key
+    fourth = ex.extract_responses(story, TR, n_trs, slice_time_ref=0.0, **kw)
+    assert fourth.meta["cache_key"] != first.meta["cache_key"]
+    assert not np.array_equal(fourth.X, first.X)
+    assert len(list(tmp_path.iterdir())) == 6
 
 
 def test_bad_inputs(story, n_trs):
@@ -332,6 +340,8 @@ def test_bad_inputs(story, n_trs):
         ex.extract_responses(story, TR, n_trs, hrf_model="boxcar", **kw)
     with pytest.raises(UsageError):
         ex.extract_responses(story, TR, n_trs, context_tokens=0, **kw)
+    with pytest.raises(UsageError, match="slice_time_ref"):
+        ex.extract_responses(story, TR, n_trs, slice_time_ref=1.5, **kw)
     with pytest.raises(UsageError):
         ex.extract_responses(story, TR, n_trs, dtype="float16", device="cpu", progress=False)
     with pytest.raises(UsageError):
@@ -540,6 +550,14 @@ def test_bert_context_scheme_reference(minilm, story, n_trs, units):
     # and the per-TR responses are the mean of these word vectors
     np.testing.assert_allclose(res.X_raw, timing.bin_words_to_trs(ours, sub["onset"], TR, n_trs),
                                rtol=1e-5, atol=1e-6)
+    # the streamed HRF regressors are the sum-of-impulses regressors of these word vectors
+    # (tests/test_timing.py checks the kernel itself against an independent double gamma)
+    glo = ex.extract_responses(sub, TR, n_trs, model="minilm", units=units,
+                               context_tokens=C, hrf_model="glover", slice_time_ref=0.3,
+                               device="cpu", progress=False)
+    ref = timing.hrf_regressors(ours, sub["onset"], TR, n_trs, slice_time_ref=0.3)
+    np.testing.assert_allclose(glo.X, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    assert glo.meta["slice_time_ref"] == 0.3
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU here")

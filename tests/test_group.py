@@ -19,7 +19,7 @@ from bids_llm_encode.group.statistics import (
     participant_counts,
     reliable_mask,
 )
-from bids_llm_encode.networks import Atlas, ShiftNull, label_atoms, ridge_coefs
+from bids_llm_encode.networks import Atlas, ShiftNull, VariogramNull, label_atoms, ridge_coefs
 
 
 def _zt(a):
@@ -113,8 +113,9 @@ def test_group_labels_planted_four_participants(planted_group):
     null = GroupShiftNull(g["nulls"])
     assert null.n_null == 241  # every shift >= 30 TRs from 0
     table = group_labels(g["tables"], t, g["r2"], [g["atlas"]], null)
-    assert list(table.columns[:9]) == ["atom", "atlas", "network", "direction",
-                                      "n_participants", "fraction", "dice", "p", "q"]
+    assert list(table.columns[:11]) == ["atom", "atlas", "network", "direction",
+                                       "n_participants", "fraction", "dice", "p_time",
+                                       "p_space", "q", "significant"]
     assert len(table) == g["k"] * 2 * g["M"]
     sig = table[table.q < 0.05]
     assert set(zip(sig.atom, sig.network, sig.direction)) == PLANTED, sig
@@ -154,6 +155,16 @@ def test_group_sign_flip_recovers_with_enough_participants():
     row = table[(table.atom == 0) & (table.network == "N3") & (table.direction == "activated")]
     assert row.n_participants.item() == 10 and row.fraction.item() == 1.0
     assert table.n_participants.sum() == 10
+    # max-statistic over the 1023 sign patterns: p_time >= 1/1024, from the same draws
+    assert table.p_time.min() >= 1 / 1024 - 1e-12 and (table.p_time >= table.p - 1e-12).all()
+    # with the spatial null on the group t-map: the same two labels, both specific
+    coords = np.argwhere(np.ones(SHAPE, bool)) * 3.0
+    spatial = VariogramNull(coords, n_null=40, seed=0, knn=50, ns=200)
+    both = group_labels([empty] * 10, t, np.full(V, 0.1), [atlas], coef_maps=maps,
+                        n_null=1000, spatial_null=spatial)
+    sig = both[both.significant]
+    assert set(zip(sig.atom, sig.network, sig.direction)) == PLANTED, sig
+    assert (sig.p_space < 0.05).all() and (sig.enrichment > 1).all()
 
 
 def test_group_sign_flip_calibration():
@@ -211,12 +222,18 @@ def test_participant_counts_hand_case():
     np.testing.assert_allclose(out.fraction, [2 / 3, 1 / 3])
 
 
-def test_reliable_mask_keeps_voxels_whose_isc_is_above_zero_across_participants():
-    rng = np.random.default_rng(0)
-    isc = rng.normal(0.0, 0.05, (10, 4))
-    isc[:, 1] += 0.2  # reliably positive in every participant
-    isc[:, 3] = np.nan  # no data
-    assert reliable_mask(isc).tolist() == [False, True, False, False]
+def test_reliable_mask_keeps_voxels_whose_ceiling_is_above_its_shift_null_after_fdr():
+    # z = ceiling / null sd: 6 (kept), 0, -4 (below 0), no data, no null spread
+    ceiling = np.array([0.3, 0.0, -0.2, np.nan, 0.3])
+    sd = np.array([0.05, 0.05, 0.05, 0.05, 0.0])
+    assert reliable_mask(ceiling, sd).tolist() == [True, False, False, False, False]
+    # one voxel at z = 2 (one-sided p = 0.023) among 99 at z = 0: kept without correction,
+    # not after Benjamini-Hochberg over the 100 voxels (q = 2.3)
+    ceiling = np.r_[0.1, np.zeros(99)]
+    assert not reliable_mask(ceiling, np.full(100, 0.05)).any()
+    assert reliable_mask(ceiling[:1], np.full(1, 0.05)).tolist() == [True]
+    with pytest.raises(InputDataError):
+        reliable_mask(ceiling, np.full(99, 0.05))
 
 
 def test_model_comparison():
@@ -242,11 +259,94 @@ def test_model_comparison():
     assert df.loc["minilm", "networks"] == "Default, Visual"
     assert df.loc["minilm", "atoms_per_network"] == "Default[0+,2-]; Visual[1+]"
     assert df.loc["minilm", "mean_r2_reliable"] == pytest.approx(0.2)
-    assert df.loc["minilm", "fraction_atoms_labelled"] == pytest.approx(1.0)
+    assert df.loc["minilm", "fraction_atoms_labelled_group"] == pytest.approx(1.0)
+    assert df.loc["minilm", "n_participants"] == 2
     assert df.loc["minilm", "mean_abs_atom_corr"] < 0.3
     assert df.loc["smollm2", "networks"] == "" and df.loc["smollm2", "n_atoms"] == 2
-    assert df.loc["smollm2", "fraction_atoms_labelled"] == 0
+    assert df.loc["smollm2", "fraction_atoms_labelled_group"] == 0
     assert df.loc["smollm2", "mean_abs_atom_corr"] > 0.99
     assert df.loc["smollm2", "mean_r2_reliable"] == pytest.approx(0.525)
     assert not df.loc["smollm2", "reliability_mask_used"]
     assert model_comparison(per_model).attrs["equal_k"] is False
+
+
+def test_model_comparison_per_participant_bootstrap_and_paired_differences():
+    rng = np.random.default_rng(3)
+    P, V, k = 30, 50, 4
+    mask = np.zeros(V, bool)
+    mask[:20] = True
+    level = rng.normal(0.1, 0.04, P)  # each participant's true mean R2 in the mask
+    maps_a = [np.r_[lv + 0.01 * rng.standard_normal(20), np.full(V - 20, 5.0)] for lv in level]
+    maps_b = [m - 0.03 for m in maps_a]  # model b: 0.03 lower in every participant
+    ids = [f"{i:02d}" for i in range(P)]
+
+    def table(n_sig):  # a participant's networks table with n_sig atoms labelled
+        return pd.DataFrame({"atom": np.arange(k), "atlas": "syn", "network": "Default",
+                             "direction": "activated",
+                             "q": [0.01] * n_sig + [0.9] * (k - n_sig)})
+
+    n_sig = rng.integers(0, k + 1, P)
+    group = pd.DataFrame({"atom": [1], "atlas": ["syn"], "network": ["Default"],
+                          "direction": ["activated"], "q": [0.01]})
+    atoms = rng.standard_normal((100, k))
+    order = rng.permutation(P)  # model b lists its participants in another order
+    per_model = {
+        "a": dict(labels=group, atoms=atoms, r2_maps=maps_a, reliability_mask=mask,
+                  participant_tables=[table(n) for n in n_sig], participants=ids),
+        "b": dict(labels=group, atoms=atoms, r2_maps=[maps_b[i] for i in order],
+                  reliability_mask=mask, participant_tables=[table(0) for _ in order],
+                  participants=[ids[i] for i in order]),
+    }
+    df = model_comparison(per_model).set_index("model")
+    assert df.loc["a", "n_participants"] == P
+    # per-participant figures, by hand: mask means and labelled fractions
+    per_p = np.array([m[:20].mean() for m in maps_a])
+    assert df.loc["a", "mean_r2_reliable"] == pytest.approx(per_p.mean())
+    assert df.loc["a", "fraction_atoms_labelled"] == pytest.approx(np.mean(n_sig / k))
+    assert df.loc["b", "fraction_atoms_labelled"] == 0
+    # bootstrap CI close to the normal-theory interval mean +- 1.96 sd / sqrt(P)
+    half = 1.96 * per_p.std(ddof=1) / np.sqrt(P)
+    assert df.loc["a", "mean_r2_reliable_ci_low"] == pytest.approx(per_p.mean() - half,
+                                                                   abs=0.3 * half)
+    assert df.loc["a", "mean_r2_reliable_ci_high"] == pytest.approx(per_p.mean() + half,
+                                                                    abs=0.3 * half)
+    # paired differences pair participants by id: a constant 0.03 has a zero-width CI
+    paired = df.attrs["paired"].set_index("figure")
+    row = paired.loc["mean_r2_reliable"]
+    assert (row["model_a"], row["model_b"], row["n_participants"]) == ("a", "b", P)
+    assert row["difference"] == pytest.approx(0.03)
+    assert row["ci_low"] == pytest.approx(0.03) and row["ci_high"] == pytest.approx(0.03)
+    frac = paired.loc["fraction_atoms_labelled"]
+    assert frac["ci_low"] <= np.mean(n_sig / k) <= frac["ci_high"] and frac["ci_low"] > 0
+    # one participant: a value, no interval
+    one = {"a": dict(per_model["a"], r2_maps=maps_a[:1], participant_tables=None,
+                     participants=ids[:1])}
+    d1 = model_comparison(one).set_index("model")
+    assert d1.loc["a", "n_participants"] == 1
+    assert np.isnan(d1.loc["a", "mean_r2_reliable_ci_low"])
+    assert d1.attrs["paired"].empty
+
+
+def test_compare_models_writes_per_participant_table_and_paired(tmp_path):
+    from bids_llm_encode.group.summary import compare_models
+
+    rng = np.random.default_rng(4)
+    group = pd.DataFrame({"atom": [1], "atlas": ["syn"], "network": ["Default"],
+                          "direction": ["activated"], "q": [0.01]})
+    tab = pd.DataFrame({"atom": [0, 1], "atlas": "syn", "network": "Default",
+                        "direction": "activated", "q": [0.01, 0.5]})
+    summaries = []
+    for model, shift in (("m1", 0.0), ("m2", 0.02)):
+        maps = [np.full(10, 0.1 + shift) + 0.01 * rng.standard_normal(10) for _ in range(3)]
+        summaries.append({"model": model, "table": group, "atoms": rng.standard_normal((50, 2)),
+                          "r2_mean": np.mean(maps, 0), "reliable": np.ones(10, bool),
+                          "r2_maps": maps, "participant_tables": [tab] * 3,
+                          "participants": ["01", "02", "03"]})
+    (tmp_path / "group").mkdir()
+    out = compare_models(tmp_path, "pieman", "MNI", summaries)
+    df = pd.read_csv(out, sep="\t").set_index("model")
+    assert df["n_participants"].tolist() == [3, 3]  # was 1: the mean map only
+    assert df.loc["m1", "fraction_atoms_labelled"] == pytest.approx(0.5)
+    paired = pd.read_csv(tmp_path / "group" / "task-pieman_space-MNI_networks-by-model-paired.tsv",
+                         sep="\t").set_index("figure")
+    assert paired.loc["mean_r2_reliable", "difference"] == pytest.approx(-0.02, abs=0.01)

@@ -499,13 +499,14 @@ def test_label_atoms_streaming_equals_array():
         t_nocache = label_atoms(coefs, r2, [atlas], null, cache_bytes=0, threshold_mode=mode)
         for t in (t_obj, t_nocache):
             np.testing.assert_allclose(t["dice"], t_arr["dice"])
-            np.testing.assert_allclose(t["p_perm"], t_arr["p_perm"])
-    assert list(t_arr.columns[:8]) == ["atom", "atlas", "network", "direction", "dice", "p",
-                                       "q", "n_voxels"]
+            np.testing.assert_allclose(t["p"], t_arr["p"])
+            np.testing.assert_allclose(t["p_time"], t_arr["p_time"])
+    assert list(t_arr.columns[:10]) == ["atom", "atlas", "network", "direction", "dice",
+                                        "p_time", "p_space", "q", "significant", "n_voxels"]
     assert len(t_arr) == 3 * 2 * 4
     for t in (t_obj, t_nocache):
         np.testing.assert_allclose(t["dice"], t_arr["dice"])
-        np.testing.assert_allclose(t["p_perm"], t_arr["p_perm"])
+        np.testing.assert_allclose(t["p"], t_arr["p"])
     # Dice column agrees with dice() on the thresholded maps
     thr = threshold_map(coefs, r2)
     row = t_arr[(t_arr.atom == 0) & (t_arr.network == "B") & (t_arr.direction == "deactivated")]

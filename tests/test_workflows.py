@@ -9,6 +9,7 @@ import pytest
 
 from bids_llm_encode.bids_inputs import find_scans
 from bids_llm_encode.config import Settings
+from bids_llm_encode.timing import story_trs
 from bids_llm_encode.workflows.base import init_bids_llm_encode_wf
 from bids_llm_encode.workflows.group import init_group_wf
 
@@ -61,7 +62,8 @@ def test_participant_graph_nodes_and_edges(tmp_path, models, baseline):
     wf = init_bids_llm_encode_wf(_settings(tmp_path, model=models, baseline=baseline), specs)
     _assert_mandatory_inputs_given(wf)
     names, edges = _names(wf), _edges(wf)
-    stimuli = {(s.stimulus, s.tr, s.n_trs) for s in specs}
+    stimuli = {(s.stimulus, s.tr, float(s.events["onset"].iloc[0]),
+                story_trs(*s.story_window, s.tr, s.n_trs)) for s in specs}
     for model in models:
         extract = [n for n in names if n.startswith("extract_") and n.endswith(model)
                    and not n.startswith("extract_layers")]
@@ -102,9 +104,9 @@ def test_milkyway_versions_get_separate_stimulus_branches(tmp_path):
 def test_group_graph_one_summary_per_task_space_model_and_a_comparison(tmp_path):
     tsv = tmp_path / "networks.tsv"  # the group nodes' inputs must exist
     tsv.write_text("atom\n")
-    found = {("pieman", "MNI152NLin2009cAsym", m): [{"networks": str(tsv)}] * 2
+    found = {("pieman", "", "MNI152NLin2009cAsym", m): [{"networks": str(tsv)}] * 2
              for m in ("smollm2", "minilm")}
-    found[("tunnel", "MNI152NLin2009cAsym", "smollm2")] = [{"networks": str(tsv)}] * 2
+    found[("tunnel", "", "MNI152NLin2009cAsym", "smollm2")] = [{"networks": str(tsv)}] * 2
     wf = init_group_wf(_settings(tmp_path), found)
     _assert_mandatory_inputs_given(wf)
     names, edges = _names(wf), _edges(wf)

@@ -14,7 +14,8 @@ LEVELS = ("participant", "group")
 EPILOG = """\
 exit codes: 0 ok; 1 failure (the failing step is named); 16 BIDS validation failed;
 17 unknown analysis level; 18 --participant-label/--task-label matched nothing;
-64 bad usage; 66 missing input file.
+64 bad usage; 65 input data unusable (alignment, events, TR, BOLD); 66 missing input
+file; 73 cannot create the output/work folder, or another run holds that work folder.
 
 example:
   bids_llm_encode /data/narratives /data/derivatives/llm participant \\
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bids_dir", type=Path, help="root of the BIDS dataset (e.g. Narratives)")
     p.add_argument(
         "output_dir", type=Path,
-        help="the derivatives dataset to write (must not be inside bids_dir)",
+        help="the derivatives dataset to write: a folder outside bids_dir, or "
+        "bids_dir/derivatives/<name> (never bids_dir itself)",
     )
     p.add_argument(
         "analysis_level", nargs="+", metavar="{participant,group}",
@@ -110,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bids-validation", "--skip_bids_validation", action="store_true",
         help="do not check that bids_dir is a BIDS dataset before indexing it",
     )
+    g.add_argument(
+        "--force-version-mix", action="store_true",
+        default=Settings.default("force_version_mix"),
+        help="write into an output_dir made by another bids_llm_encode version (its "
+        "dataset_description.json is rewritten with this version; default: refuse)",
+    )
+    trust = g.add_mutually_exclusive_group()
+    trust.add_argument(
+        "--trust-sidecar", action="store_true", default=Settings.default("trust_sidecar"),
+        help="when a BOLD sidecar's RepetitionTime and its NIfTI header (pixdim[4]) differ "
+        "by more than 1%%, use the sidecar's (default: such a mismatch is an error)",
+    )
+    trust.add_argument(
+        "--trust-header", action="store_true", default=Settings.default("trust_header"),
+        help="when they differ, use the NIfTI header's TR instead",
+    )
 
     g = p.add_argument_group("language model (artificial neurons)")
     g.add_argument(
@@ -135,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--delays", nargs="+", type=int, metavar="TRS",
         help="use FIR delays (in TRs, e.g. 1 2 3 4) instead of the canonical HRF",
+    )
+    g.add_argument(
+        "--slice-time-ref", type=float, default=Settings.default("slice_time_ref"),
+        metavar="FRACTION",
+        help="fraction of the TR at which each volume is sampled (the slice-timing reference "
+        "of the preprocessed BOLD): HRF regressors are read at (t + FRACTION) * TR; 0.5 = "
+        "mid-TR as afni-nosmooth and fMRIPrep (default: %(default)s)",
     )
     g.add_argument(
         "--device", default=Settings.default("device"), choices=["auto", "cpu", "cuda"],
@@ -180,8 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("network labels")
     g.add_argument(
         "--fbn-atlas", nargs="+", default=Settings.default("fbn_atlas"), metavar="ATLAS",
-        help="functional network atlases: seitzman2018 (bundled), schaefer2018-7, "
-        "schaefer2018-17 (TemplateFlow), or a dseg path (default: "
+        help="functional network atlases: kong2019 (bundled: Schaefer 2018 400 parcels x "
+        "Kong 2019 17 networks, incl. Language, Auditory, DefaultA/B/C; volumes and "
+        "fsaverage6), nct:<NAME> (any atlas of the Network Correspondence Toolbox, e.g. "
+        "nct:AS400K17, nct:TW_TASK_NETS, read from its cache "
+        "$CBIG_NETWORK_CORRESPONDENCE_DATA_DIR; never downloaded), seitzman2018 (bundled "
+        "spheres), schaefer2018-7, schaefer2018-17 (TemplateFlow), or a dseg path (default: "
         + " ".join(Settings.default("fbn_atlas")) + ")",
     )
     g.add_argument(

@@ -8,8 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from ..checks import check_writable
 from ..config import Settings
 from ..errors import (
+    EXIT_CANT_CREATE,
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_UNKNOWN_LEVEL,
@@ -18,10 +20,33 @@ from ..errors import (
     MissingInputError,
     UsageError,
 )
-from ..networks import is_named_atlas
+from ..networks import check_atlas_available, has_fsaverage6, is_named_atlas
 from .parser import LEVELS, build_parser
 
 LOGGER = logging.getLogger(__name__)
+
+
+def _check_output_dir(output_dir: Path, bids_dir: Path, given, derivatives=None) -> None:
+    """Outside bids_dir, or bids_dir/derivatives/<name> (fMRIPrep's layout; pybids never
+    indexes derivatives/ with the raw data). Never bids_dir itself, derivatives/ itself, or
+    any other folder inside bids_dir."""
+    if output_dir == bids_dir:
+        raise UsageError(f"output_dir {given} is bids_dir: the input dataset is never written "
+                         "to; use bids_dir/derivatives/<name> or a folder outside it")
+    if bids_dir in output_dir.parents:
+        rel = output_dir.relative_to(bids_dir).parts
+        if rel[0] != "derivatives" or len(rel) < 2:
+            raise UsageError(
+                f"output_dir {given} is inside bids_dir {bids_dir} but not in its "
+                "derivatives/<name>: the input dataset is never written to; use "
+                "bids_dir/derivatives/<name> or a folder outside it")
+    if derivatives is not None:
+        inputs = Path(derivatives)
+        inputs = (inputs if inputs.is_absolute() or os.sep in str(derivatives)
+                  else bids_dir / "derivatives" / inputs).expanduser().resolve()
+        if output_dir == inputs or inputs in output_dir.parents:
+            raise UsageError(f"output_dir {given} is inside the input derivatives {inputs}: "
+                             "choose another name under derivatives/")
 
 
 def settings_from_args(args) -> Settings:
@@ -29,19 +54,18 @@ def settings_from_args(args) -> Settings:
     output_dir = args.output_dir.expanduser().resolve()
     if not bids_dir.exists():
         raise MissingInputError(f"bids_dir {args.bids_dir} does not exist")
-    if output_dir == bids_dir or bids_dir in output_dir.parents:
-        raise UsageError(
-            f"output_dir {args.output_dir} is inside bids_dir {args.bids_dir}; the input "
-            "dataset is never written to: choose a folder outside it"
-        )
+    _check_output_dir(output_dir, bids_dir, args.output_dir, getattr(args, "derivatives", None))
     work_dir = (args.work_dir or Path("work")).expanduser().resolve()
     if work_dir == bids_dir or bids_dir in work_dir.parents:
         raise UsageError(f"--work-dir {work_dir} is inside bids_dir; choose a folder outside it")
     builtin = [a for a in args.fbn_atlas if is_named_atlas(a)]
     if args.fbn_labels and len(args.fbn_labels) != len(args.fbn_atlas) - len(builtin):
         raise UsageError("--fbn-labels needs one labels file per dseg path given to --fbn-atlas")
-    if args.space == "fsaverage6" and builtin:
-        raise UsageError(f"--fbn-atlas {' '.join(builtin)} is a volume atlas; with --space "
+    for spec in args.fbn_atlas:  # nct: atlases: known name, files in the toolbox cache
+        check_atlas_available(spec)
+    volume_only = [a for a in builtin if not has_fsaverage6(a)]
+    if args.space == "fsaverage6" and volume_only:
+        raise UsageError(f"--fbn-atlas {' '.join(volume_only)} is a volume atlas; with --space "
                          "fsaverage6 pass a GIFTI dseg per hemisphere: --fbn-atlas "
                          "L.label.gii,R.label.gii (names with --fbn-labels)")
     if args.null == "spin" and args.space != "fsaverage6":
@@ -49,6 +73,8 @@ def settings_from_args(args) -> Settings:
                          "on volumes use --null shift (the default)")
     if args.use_plugin is not None and not args.use_plugin.exists():
         raise MissingInputError(f"--use-plugin file {args.use_plugin} does not exist")
+    check_writable(output_dir, "the output folder")  # 73, before any work
+    check_writable(work_dir, "the work folder (-w)")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
               if hasattr(args, f.name)}
     values.update(bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir,
@@ -94,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     except AppError as err:
         print(f"bids_llm_encode: error: {err}", file=sys.stderr)
         code = err.exit_code
+    except PermissionError as err:  # a folder that became unwritable after the checks
+        print(f"bids_llm_encode: error: {err.filename}: cannot write ({err.strerror}); "
+              "choose a writable output/work folder", file=sys.stderr)
+        code = EXIT_CANT_CREATE
     except KeyboardInterrupt:
         print("bids_llm_encode: interrupted; rerun with the same --work-dir to resume",
               file=sys.stderr)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EXIT_OK, AppError
+from ..simulate import DEFAULT_NOISE_FWHM_MM, DEFAULT_PLANTED, DEFAULT_SIM_ATLAS
 from .parser import _Parser
 
 
@@ -27,9 +28,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--participants", type=int, default=3,
                    help="number of participants (default: %(default)s)")
     p.add_argument(
-        "--planted", default="DefaultMode:+,Auditory:-",
-        help="comma list NETWORK:+|- of Seitzman 2018 networks that carry a signal, with its "
+        "--planted", default=",".join(DEFAULT_PLANTED),
+        help="comma list NETWORK:+|- of networks of --atlas that carry a signal, with its "
         "sign (default: %(default)s)",
+    )
+    p.add_argument(
+        "--atlas", default=DEFAULT_SIM_ATLAS,
+        help="atlas whose networks are planted: kong2019 (bundled Schaefer 400 x Kong 17 "
+        "networks: large irregular parcels, e.g. DefaultA, Language, Auditory), seitzman2018 "
+        "(spheres, e.g. DefaultMode, Auditory), or any --fbn-atlas of the app "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--global", dest="global_amp", type=float, default=0.0, metavar="AMP",
+        help="add another AN sub-group's response to every brain voxel, at AMP noise "
+        "standard deviations (0 = none; default: %(default)s)",
+    )
+    p.add_argument(
+        "--noise-fwhm", type=float, default=DEFAULT_NOISE_FWHM_MM, metavar="MM",
+        help="spatial smoothness of the noise: FWHM in mm of the Gaussian applied to each "
+        "TR's white-noise volume (default: %(default)s)",
     )
     p.add_argument("--snr", type=float, default=1.0,
                    help="signal-to-noise variance ratio in planted voxels (default: %(default)s)")
@@ -62,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             alignment=args.alignment,
             model=args.model,
             resolution=args.resolution,
+            atlas=args.atlas,
+            global_amp=args.global_amp,
+            noise_fwhm=args.noise_fwhm,
         )
     except AppError as err:
         print(f"bids_llm_encode_simulate: error: {err}", file=sys.stderr)

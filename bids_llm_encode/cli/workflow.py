@@ -5,18 +5,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import re
+import shutil
+import time
 from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
+from .. import checks
 from ..bids_inputs import find_scans
 from ..config import Settings
-from ..derivatives import init_derivatives
-from ..errors import AppError
+from ..derivatives import init_derivatives, save_run_config
+from ..errors import AppError, InputDataError, MissingInputError, OutputError
 from ..workflows.base import init_bids_llm_encode_wf
 from ..workflows.group import init_group_wf
 
@@ -24,7 +28,9 @@ LOGGER = logging.getLogger(__name__)
 # imported once by MultiProc's forkserver, so no node pays their imports in a fresh worker
 FORKSERVER_PRELOAD = ("torch", "himalaya.backend", "himalaya.ridge", "himalaya.kernel_ridge",
                       "nibabel", "bids_llm_encode.pipeline", "bids_llm_encode.encoding",
-                      "bids_llm_encode.networks", "bids_llm_encode.dictionary")
+                      "bids_llm_encode.networks", "bids_llm_encode.dictionary",
+                      "bids_llm_encode.cli.pdeathsig")  # workers die with this process
+LOCK_NAME = "bids_llm_encode.lock"
 
 
 def plugin_settings(settings: Settings) -> dict:
@@ -88,15 +94,26 @@ def _share_logging_with_workers(settings: Settings, ncfg) -> None:
 def execute(wf: pe.Workflow, settings: Settings) -> None:
     """Run the graph; on failure raise AppError naming the failing nodes and crash files."""
     plugin = plugin_settings(settings)
+    started = time.time() - 1
     try:
         return wf.run(**plugin)
     except RuntimeError as err:
-        crashes = sorted(Path(settings.output_dir).rglob("crash-*.txt"))
+        # only this run's crashes: earlier ones were moved to old/ when it started (and
+        # a concurrent run's, into the same output_dir, are older than this one)
+        crashes = sorted(c for c in Path(settings.output_dir).rglob("crash-*.txt")
+                         if c.parent.name != "old" and _mtime(c) >= started)
         failing = sorted({_node_from_crash(c) for c in crashes}) or ["(see log)"]
         where = "; ".join(str(c) for c in crashes[-3:])
         raise AppError(
             f"workflow step(s) failed: {', '.join(failing)}; crash reports: {where or err}"
         ) from None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # moved away meanwhile
+        return 0.0
 
 
 def _node_from_crash(path: Path) -> str:
@@ -106,36 +123,122 @@ def _node_from_crash(path: Path) -> str:
 
 def run_participant(settings: Settings) -> None:
     from ..extraction import resolve_model
+    from ..extraction.models import check_hub_model
 
     for model in settings.model:  # fail in one line before any work, not inside a node
-        resolve_model(model)
+        check_hub_model(resolve_model(model))
     specs = find_scans(
         settings.bids_dir, settings.participant_label, settings.task_label,
         derivatives=settings.derivatives, space=settings.space, exclude=settings.exclude,
-        validate=not settings.skip_bids_validation,
+        validate=not settings.skip_bids_validation, trust_tr=settings.trusted_tr(),
     )
-    init_derivatives(settings.output_dir, settings.bids_dir)
-    configure_nipype(settings)
-    for sub in sorted({s.subject for s in specs}):
-        settings.save(Path(settings.output_dir) / "log" / f"config-participant-sub-{sub}.json")
-    wf = init_bids_llm_encode_wf(settings, specs)
-    LOGGER.info("running %d scans of %d participants through %d nodes",
-                   len(specs), len({s.subject for s in specs}), len(wf._graph.nodes()))
-    _run(wf, settings)
+    check_scans(specs)
+    with work_lock(settings.work_dir):
+        init_derivatives(settings.output_dir, settings.bids_dir,
+                         force_version_mix=settings.force_version_mix)
+        archive_old_crashes(settings.output_dir)
+        configure_nipype(settings)
+        for sub in sorted({s.subject for s in specs}):
+            settings.save(Path(settings.output_dir) / "log" / f"config-participant-sub-{sub}.json")
+        save_run_config(settings.output_dir, "participant", settings.to_json())  # every run
+        wf = init_bids_llm_encode_wf(settings, specs)
+        LOGGER.info("running %d scans of %d participants through %d nodes",
+                       len(specs), len({s.subject for s in specs}), len(wf._graph.nodes()))
+        _run(wf, settings)
 
 
 def run_group(settings: Settings) -> None:
     from ..group.summary import collect_participant_outputs
 
     found = collect_participant_outputs(settings.output_dir, settings.task_label)
-    init_derivatives(settings.output_dir, settings.bids_dir)
-    configure_nipype(settings)
-    settings.save(Path(settings.output_dir) / "log" / "config-group.json")
-    wf = init_group_wf(settings, found)
-    LOGGER.info("group level: %s", "; ".join(
-        f"task {t}, {s}, model {m}: {len(r)} participant scans"
-        for (t, s, m), r in sorted(found.items())))
-    _run(wf, settings)
+    check_group_inputs(found)
+    with work_lock(settings.work_dir):
+        init_derivatives(settings.output_dir, settings.bids_dir,
+                         force_version_mix=settings.force_version_mix)
+        archive_old_crashes(settings.output_dir)
+        configure_nipype(settings)
+        settings.save(Path(settings.output_dir) / "log" / "config-group.json")
+        save_run_config(settings.output_dir, "group", settings.to_json())  # every run
+        wf = init_group_wf(settings, found)
+        LOGGER.info("group level: %s", "; ".join(
+            f"task {t}{f' (stimulus {st})' if st else ''}, {s}, model {m}: "
+            f"{len(r)} participant scans" for (t, st, s, m), r in sorted(found.items())))
+        _run(wf, settings)
+
+
+def check_scans(specs) -> None:
+    """Every BOLD readable to its last volume; word timing usable (65 before any work)."""
+    for spec in specs:
+        checks.check_bold_readable(spec.bold)
+        checks.check_word_timing(spec.words, spec.n_trs, spec.tr, spec.scan_id, spec.alignment)
+
+
+def check_group_inputs(found: dict) -> None:
+    """At least 2 participants per task x space x model, and each one's statmaps there."""
+    from ..group.summary import _stat_paths
+
+    for (task, stim, space, model), recs in sorted(found.items()):
+        subs = sorted({str(r["sub"]) for r in recs})
+        task = f"{task} (stimulus {stim})" if stim else task
+        if len(subs) < 2:
+            raise InputDataError(checks.message(
+                recs[0]["networks"], f"the group level needs >= 2 participants; task {task}, "
+                f"{space}, model {model} has only sub-{subs[0]}",
+                "run the participant level for more participants, or only 'participant'"))
+        for rec in recs:
+            for stat, desc in (("r2", "atoms"), ("effect", "atoms"), ("alpha", None)):
+                try:
+                    _stat_paths(rec, stat, desc)
+                except MissingInputError as err:
+                    raise MissingInputError(
+                        f"{err} (rerun `participant --participant-label {rec['sub']}` with "
+                        "the same -w: missing outputs are rewritten)") from None
+
+
+@contextlib.contextmanager
+def work_lock(work_dir):
+    """One run per work folder: a second process on the same -w exits 73 naming the first."""
+    import fcntl
+
+    folder = Path(work_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OutputError(checks.message(folder, f"cannot create the work folder ({err.strerror})",
+                                         "choose a writable -w/--work-dir")) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OutputError(checks.message(
+            folder, f"in use by another bids_llm_encode run (process {holder})",
+            "wait for it to finish, or give another -w/--work-dir")) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def archive_old_crashes(output_dir) -> list[Path]:
+    """Crash files of earlier runs -> <their folder>/old/: only this run's are reported."""
+    moved = []
+    for crash in sorted(Path(output_dir).rglob("crash-*.txt")):
+        if crash.parent.name == "old":
+            continue
+        dest = crash.parent / "old" / crash.name
+        dest.parent.mkdir(exist_ok=True)
+        shutil.move(str(crash), dest)
+        moved.append(dest)
+    if moved:
+        LOGGER.info("moved %d crash file(s) of earlier runs to log/old/", len(moved))
+    return moved
 
 
 def _run(wf: pe.Workflow, settings: Settings) -> None:

@@ -32,6 +32,26 @@ from .solver import (
 
 DEFAULT_N_ATOMS = 64
 
+#: The sign of an atom and its loadings is arbitrary (D A = (-D)(-A)); this fixes it.
+SIGN_CONVENTION = (
+    "each atom is signed so that its mean loading over the ANs is positive; when that mean "
+    "is 0 (e.g. an atom without ANs), so that its time course has positive skewness; "
+    "'activated' = positive coefficient of the atom so signed")
+
+
+def orient_atoms(D: np.ndarray, A: np.ndarray, rel_tol: float = 1e-9):
+    """Apply :data:`SIGN_CONVENTION`: flip atom j (column j of D, row j of A) when its mean
+    loading is negative, or, when it is 0 (within ``rel_tol`` of the mean |loading|), when
+    the skewness of its time course is negative. ``D @ A`` is unchanged."""
+    A64 = np.asarray(A, dtype=np.float64)
+    mean = A64.mean(axis=1)
+    tie = np.abs(mean) <= rel_tol * np.abs(A64).mean(axis=1)
+    Dc = np.asarray(D, dtype=np.float64)
+    Dc = Dc - Dc.mean(axis=0)
+    skew = (Dc**3).mean(axis=0)  # the sign of the skewness (the std is positive)
+    sign = np.where(tie, np.where(skew < 0, -1.0, 1.0), np.where(mean < 0, -1.0, 1.0))
+    return (D * sign).astype(D.dtype, copy=False), (A * sign[:, None]).astype(A.dtype, copy=False)
+
 
 @dataclass
 class DictionaryResult:
@@ -154,6 +174,7 @@ def _learn_dictionary(X, n_atoms, alpha, seed, device, max_iter, tol, batch_size
     D, A, fin = _finalise(src, pos, D, A_store, alpha, dev, bs, code_tol=code_tol / 10,
                           code_max_iter=5 * code_max_iter)
     del A_store
+    D, A = orient_atoms(D, A)
     # loadings: CSR k x n_total with dropped columns empty
     rows, cidx = np.nonzero(A)
     vals = A[rows, cidx]
@@ -196,8 +217,8 @@ def _learn_dictionary(X, n_atoms, alpha, seed, device, max_iter, tol, batch_size
         "code_max_iter": int(code_max_iter),
         "zscore": "per AN over TRs, population std; ANs with std < 1e-8 dropped",
         "objective_definition": OBJECTIVE_DOC,
-        "atom_order": "by loading energy (sum of squared loadings), largest first; "
-                      "sign: positive summed loading",
+        "atom_order": "by loading energy (sum of squared loadings), largest first",
+        "atom_sign": SIGN_CONVENTION,
         "time_s": time.perf_counter() - t0,
     }
     if auto_meta is not None:

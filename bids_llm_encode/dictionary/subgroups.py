@@ -13,7 +13,8 @@ def subgroup_table(result: DictionaryResult, units: pd.DataFrame) -> pd.DataFram
     """Per atom: its AN sub-group (ANs with a non-zero loading) summarised by layer.
 
     units: one row per AN column of X (``an_id``, ``layer``, ``index``). Columns:
-    atom, n_ans, fraction (of kept ANs), n_pos, n_neg (loading signs), mean_abs_loading,
+    atom (1-based, as ``atomNN`` in the atoms TSV and ``atom`` in the networks TSV),
+    n_ans, fraction (of kept ANs), n_pos, n_neg (loading signs), mean_abs_loading,
     top_layer, n_layers, layer_hist ("layer:count" pairs, layers in order), an_ids_top
     (up to 10 an_id with the largest |loading|).
     """
@@ -43,7 +44,7 @@ def subgroup_table(result: DictionaryResult, units: pd.DataFrame) -> pd.DataFram
         hist = " ".join(f"{lv}:{int(counts[lv])}" for lv in layer_levels if lv in counts.index)
         top = idx[np.argsort(-np.abs(v), kind="stable")[:10]]
         rows.append({
-            "atom": j,
+            "atom": j + 1,
             "n_ans": int(idx.size),
             "fraction": idx.size / max(n_kept, 1),
             "n_pos": int((v > 0).sum()),

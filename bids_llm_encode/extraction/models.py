@@ -170,6 +170,24 @@ def resolve_model(name: str) -> ModelSpec:
     return ModelSpec(name, "hub", name)
 
 
+def check_hub_model(spec: ModelSpec) -> None:
+    """A hub id needs its files in the Hugging Face cache or a network: say so (66) before
+    any work, not from inside the extract step."""
+    if spec.source != "hub":
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(spec.path, "config.json"), str)
+    except Exception:  # an odd id or an old huggingface_hub: leave it to the loader
+        return
+    if not cached and not _network_available():
+        raise MissingInputError(
+            f"model {spec.name!r}: not bundled, not a local folder, not in the Hugging Face "
+            "cache, and there is no network (HF_HUB_OFFLINE or no connection); download it "
+            "elsewhere and give its local folder instead")
+
+
 # ----------------------------------------------------------------------------- device, threads
 
 

@@ -1,10 +1,17 @@
 """Words -> per-TR AN responses and their HRF/FIR regressors, with the extraction sidecar.
 
-Words go to their TR (the TR of their onset, ``timing.word_tr_index``) through
-``timing.TRAccumulator`` as they come, so tokens x ANs is never held for the whole story
-(peak memory O(n_trs x n_ans)). Words outside the scan still serve as context. Then
-``timing.to_regressors`` (HRF glover / spm / none, or FIR ``delays``; FIR columns are
-delay-major: column ``d * n_ans + j``), applied in column blocks to bound memory.
+Words are streamed as they come, so tokens x ANs is never held for the whole story (peak
+memory O(n_trs x n_ans)):
+
+* HRF (glover / spm): each word is an impulse at its onset carrying its AN response;
+  ``timing.HRFAccumulator`` adds ``H[:, words] @ responses`` with H the canonical kernel
+  at (volume sample time ``(t + slice_time_ref) * tr`` - onset): continuous time, no
+  pooling (docs/method.md section 2).
+* ``X_raw``: per-TR means (the TR of a word's onset, ``timing.word_tr_index``, through
+  ``timing.TRAccumulator``); these are the regressors for ``hrf_model="none"`` and, FIR
+  ``delays`` applied (delay-major: column ``d * n_ans + j``), for FIR.
+
+Words outside the scan still serve as context.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from .recording import iter_plan
 LOGGER = logging.getLogger(__name__)
 
 HRF_MODELS = ("glover", "spm", "none")
-SCHEME_VERSION = "1"
+SCHEME_VERSION = "2"  # 2: continuous-time HRF regressors
 _REGRESSOR_BLOCK = 4096  # columns per timing.to_regressors call (bounds FFT temporaries)
 
 
@@ -56,7 +63,7 @@ class AnResponses:
     word_context: pd.DataFrame | None = field(default=None, repr=False)
 
 
-def _regressors(X_raw: np.ndarray, tr: float, hrf_model: str, delays) -> np.ndarray:
+def _fir_regressors(X_raw: np.ndarray, tr: float, hrf_model: str, delays) -> np.ndarray:
     n_trs, n = X_raw.shape
     nd = len(delays) if delays else 1
     X = np.empty((n_trs, n * nd), dtype=np.float32)
@@ -106,6 +113,7 @@ def extract_responses(
     context_tokens: int = 512,
     hrf_model: str = "glover",
     delays: list[int] | tuple[int, ...] | None = None,
+    slice_time_ref: float = 0.5,
     device: str = "auto",
     dtype: str = "float32",
     cache_dir: str | os.PathLike | None = None,
@@ -125,6 +133,11 @@ def extract_responses(
     if int(context_tokens) != context_tokens or int(context_tokens) < 1:
         raise UsageError(f"context_tokens must be a positive integer, got {context_tokens!r}")
     context_tokens = int(context_tokens)
+    if not (isinstance(slice_time_ref, (int, float, np.floating, np.integer))
+            and 0.0 <= float(slice_time_ref) <= 1.0):
+        raise UsageError(f"slice_time_ref must be a fraction of the TR in [0, 1], "
+                         f"got {slice_time_ref!r}")
+    slice_time_ref = float(slice_time_ref)
     word_list, onsets, tr_idx = _validate_words(words, tr, n_trs)
     tr, n_trs = float(tr), int(n_trs)
     spec = resolve_model(model)
@@ -142,6 +155,7 @@ def extract_responses(
             "scheme": SCHEME_VERSION, "words": word_list, "onsets": onsets.tolist(), "tr": tr,
             "n_trs": n_trs, "model": ident, "units": units, "context_tokens": context_tokens,
             "hrf_model": None if delays else hrf_model, "delays": delays, "dtype": dtype,
+            "slice_time_ref": slice_time_ref,
         })
         hit = load_responses(cache_dir, key)
         if hit is not None:
@@ -154,13 +168,20 @@ def extract_responses(
         raise InputDataError("the words produce no tokens (all empty?): nothing to extract")
     n_ans = lm.n_units(units)
     acc = timing.TRAccumulator(n_trs, n_ans, block=_REGRESSOR_BLOCK)
+    hrf = None
+    if not delays and hrf_model != "none":
+        hrf = timing.HRFAccumulator(n_trs, n_ans, tr, slice_time_ref, hrf_model,
+                                    block=_REGRESSOR_BLOCK)
     t_model = time.time()
     for w_idx, vecs in iter_plan(lm, plan, units, progress):
         acc.add(tr_idx[w_idx], vecs)
+        if hrf is not None:
+            hrf.add(onsets[w_idx], vecs)
     t_model = time.time() - t_model
     X_raw = acc.means()
     del acc
-    X = _regressors(X_raw, tr, hrf_model, delays)
+    X = hrf.X if hrf is not None else _fir_regressors(X_raw, tr, hrf_model, delays)
+    del hrf
 
     import torch
     import transformers
@@ -183,6 +204,10 @@ def extract_responses(
         "unit_side": "output" if units == "mlp-out" else "input (after the activation)",
         "context": scheme_meta(lm, plan, context_tokens),
         "hrf_model": None if delays else hrf_model, "delays": delays,
+        "slice_time_ref": slice_time_ref,
+        "regressors": ("FIR delays of per-TR means" if delays else "per-TR means"
+                       if hrf_model == "none" else "sum of word impulses * HRF, continuous "
+                       "time, sampled at (t + slice_time_ref) * tr"),
         "fir_column_order": "delay-major: column d * n_ans + j" if delays else None,
         "tr": tr, "n_trs": n_trs,
         "n_words": len(word_list), "n_tokens": int(len(plan.ids)),

@@ -2,7 +2,8 @@
 
 * :func:`group_ttest` -- one-sample t across participants, per atom and voxel.
 * :func:`group_labels` -- per atom x direction x atlas x network: in how many participants
-  the label holds (participant q < 0.05) and the Dice / p / q of the group t-map.
+  the label holds (participant q < 0.05) and the Dice / p_time / p_space / q of the group
+  t-map (max-statistic FWER over all group rows).
 * Group nulls for :func:`bids_llm_encode.networks.label_atoms`:
 
   - :class:`SignFlipNull` (default): each permutation flips the sign of whole participant
@@ -18,7 +19,7 @@
     participants, so this keeps the shared structure). Needs every participant's BOLD and
     atoms at the group stage.
 * :func:`model_comparison` -- one row per model, side by side.
-* :func:`reliable_mask` -- voxels whose leave-one-out ISC is reliably above zero.
+* :func:`reliable_mask` -- voxels whose ceiling R2 is above zero (circular-shift null, FDR).
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def participant_counts(participant_tables: Sequence[pd.DataFrame],
 def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
                  atlases: Sequence[Atlas], null=None, *, coef_maps=None, n_null: int = 1000,
                  z: float = 1.96, q_alpha: float = 0.05, seed: int = 0,
-                 p_method: str = "auto", threshold_mode: str | None = None) -> pd.DataFrame:
+                 p_method: str = "empirical", threshold_mode: str | None = None,
+                 spatial_null=None) -> pd.DataFrame:
     """Group-level network labels.
 
     Parameters
@@ -208,11 +210,16 @@ def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
         pattern at a smaller amplitude unless half the participants are flipped -- would
         look as network-like as the observed one and the test would have almost no power.
         "absolute" cuts at +/- z itself.
+    spatial_null : the spatial null of the group t-map (``p_space``; a
+        :class:`~bids_llm_encode.networks.VariogramNull` or ``SpinNull``), or None.
 
-    Returns columns ``atom atlas network direction n_participants fraction dice p q`` (plus
-    ``p_perm n_null n_voxels n_network n_overlap threshold z``): ``n_participants`` /
-    ``fraction`` count participants with ``q < q_alpha`` for that row; ``dice``, ``p``, ``q``
-    label the group t-map (BH across all group rows).
+    Returns columns ``atom atlas network direction n_participants fraction dice p_time
+    p_space q significant`` (plus the other columns of
+    :func:`~bids_llm_encode.networks.label_atoms`): ``n_participants`` / ``fraction``
+    count participants with ``q < q_alpha`` for that row; ``p_time`` is the max-statistic
+    FWER of the group null's draws (sign patterns or shared shifts) over all group rows,
+    ``p_space`` the same over surrogates of the group t-map, ``q = max(p_time, p_space)``
+    and ``significant`` both below ``q_alpha``.
     """
     counts = participant_counts(participant_tables, q_alpha)
     n_part = len(participant_tables)
@@ -235,33 +242,50 @@ def group_labels(participant_tables: Sequence[pd.DataFrame], group_t, r2_mean,
         threshold_mode = "t" if isinstance(null, SignFlipNull) else "nullz"
     if threshold_mode == "nullz":
         # the group t of each voxel is standardised by its own null t's (see label_atoms)
-        table = label_atoms(group_t, r2_mean, atlases, null, z=z, threshold_mode="nullz")
+        table = label_atoms(group_t, r2_mean, atlases, null, z=z, threshold_mode="nullz",
+                            spatial_null=spatial_null, alpha=q_alpha)
     elif threshold_mode == "t":
         from scipy import stats
 
         cut = float(stats.t.isf(stats.norm.sf(z), df=max(n_part - 1, 1)))
         table = label_atoms(group_t, r2_mean, atlases, null, z=cut, p_method=p_method,
-                            threshold_mode="absolute")
+                            threshold_mode="absolute", spatial_null=spatial_null,
+                            alpha=q_alpha)
         table["z"] = z
     else:
         table = label_atoms(group_t, r2_mean, atlases, null, z=z, p_method=p_method,
-                            threshold_mode=threshold_mode)
+                            threshold_mode=threshold_mode, spatial_null=spatial_null,
+                            alpha=q_alpha)
     out = table.merge(counts, on=KEYS, how="left")
     out["n_participants"] = out["n_participants"].fillna(0).astype(int)
     out["fraction"] = out["n_participants"] / n_part
-    first = [*KEYS, "n_participants", "fraction", "dice", "p", "q"]
+    first = [*KEYS, "n_participants", "fraction", "dice", "p_time", "p_space", "q",
+             "significant"]
     rest = [c for c in out.columns if c not in first]
     return out[first + rest]
 
 
-def reliable_mask(isc_per_participant: np.ndarray) -> np.ndarray:
-    """Voxels whose leave-one-out ISC is > 0 across participants (one-sided t, p < .05)."""
+def reliable_mask(ceiling_r2, null_sd, q: float = 0.05) -> np.ndarray:
+    """Voxels whose ceiling R2 (mean pairwise ISC) is reliably above 0.
+
+    ``ceiling_r2`` and ``null_sd`` come from
+    :func:`bids_llm_encode.encoding.ceiling.explainable_variance`: ``null_sd`` is the exact
+    spread of the statistic when each participant is circularly shifted by its own random
+    shift, so it respects each voxel's autocorrelation and that every participant enters
+    several pairs. One-sided p from the normal approximation to that null (its mean is 0;
+    no 1/n_shifts floor, which BH over many voxels would need), BH-FDR over voxels, q < ``q``.
+    """
     from scipy import stats
 
-    per = np.asarray(isc_per_participant, float)
+    from bids_llm_encode.networks import fdr_bh
+
+    c = np.asarray(ceiling_r2, float)
+    sd = np.asarray(null_sd, float)
+    if c.shape != sd.shape:
+        raise InputDataError(f"reliable_mask: ceiling {c.shape} and null sd {sd.shape} differ")
     with np.errstate(invalid="ignore", divide="ignore"):
-        t, p = stats.ttest_1samp(per, 0.0, axis=0, alternative="greater", nan_policy="omit")
-    return np.nan_to_num(np.asarray(p), nan=1.0) < 0.05
+        p = np.where(np.isfinite(c) & (sd > 0), stats.norm.sf(c / sd), np.nan)
+    return np.nan_to_num(fdr_bh(p), nan=1.0) < q
 
 
 def _atoms_per_network(sig: pd.DataFrame, multi_atlas: bool) -> str:
@@ -274,23 +298,56 @@ def _atoms_per_network(sig: pd.DataFrame, multi_atlas: bool) -> str:
     return "; ".join(parts)
 
 
-def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05) -> pd.DataFrame:
+#: Participant-bootstrap resamples behind every confidence interval of the model comparison.
+N_BOOTSTRAP = 2000
+#: Figures of :func:`model_comparison` computed per participant (bootstrap CIs, paired diffs).
+PARTICIPANT_FIGURES = ("mean_r2_reliable", "fraction_atoms_labelled")
+
+
+def _bootstrap(values: np.ndarray, n_boot: int, rng) -> tuple[float, float, float]:
+    """Mean over participants and its percentile 95 % CI (participants resampled with
+    replacement); NaN CI with fewer than 2 participants."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, float("nan"), float("nan")
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))
+    boot = values[idx].mean(1)
+    return mean, float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05,
+                     n_boot: int = N_BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
     """One row per model, on equal terms.
 
     ``per_model[model]`` holds ``labels`` (group table from :func:`group_labels`), ``atoms``
     (T x k), ``r2_maps`` (list of per-participant held-out R2, each V) and
     ``reliability_mask`` (bool V, or None = every voxel, reported in
-    ``reliability_mask_used``). Columns: ``model n_atoms n_participants networks``
-    (networks with a group label ``q < q_alpha``, comma-separated; ``atlas:network`` when
-    several atlases), ``atoms_per_network`` (``Network[3+,5-]``: atom index and direction),
-    ``mean_r2_reliable`` (mean held-out R2 inside the reliability mask, averaged over
-    participants), ``mean_abs_atom_corr`` (mean |r| between distinct atoms),
-    ``fraction_atoms_labelled`` (atoms with at least one significant group label).
-    ``attrs["equal_k"]`` says whether every model has the same number of atoms.
+    ``reliability_mask_used``); optionally ``participant_tables`` (each participant's
+    networks table, same order as ``r2_maps``) and ``participants`` (their ids, which pair
+    participants across models; default: their order). Columns: ``model n_atoms
+    n_participants networks`` (networks with a group label ``q < q_alpha``, comma-separated;
+    ``atlas:network`` when several atlases), ``atoms_per_network`` (``Network[3+,5-]``: atom
+    number and direction, as in the group table), ``mean_r2_reliable`` (each participant's
+    mean held-out R2 inside the reliability mask, averaged over participants),
+    ``fraction_atoms_labelled`` (each participant's fraction of atoms with at least one
+    label ``q < q_alpha`` in its own table, averaged over participants), each with
+    ``<figure>_ci_low`` / ``<figure>_ci_high`` (participant-bootstrap 95 % percentile CI,
+    ``n_boot`` resamples; NaN with one participant), ``fraction_atoms_labelled_group`` (atoms
+    with a significant group label), ``mean_abs_atom_corr`` (mean |r| between distinct
+    atoms: a property of the stimulus' dictionary, the same for every participant, so no
+    CI). ``attrs["equal_k"]``: whether every model has the same number of atoms.
+    ``attrs["paired"]``: with two or more models, one row per model pair and figure:
+    ``model_a model_b figure difference ci_low ci_high n_participants`` (mean over the
+    participants both models have of a - b, participant-bootstrap 95 % CI).
     """
     if not per_model:
         raise InputDataError("model comparison: no model given")
-    rows = []
+    rng = np.random.default_rng(seed)
+    rows, per_part = [], {}
     for model, res in per_model.items():
         for key in ("labels", "atoms", "r2_maps", "reliability_mask"):
             if key not in res:
@@ -309,10 +366,22 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05) ->
             if r.shape != mask.shape:
                 raise InputDataError(f"model comparison: an R2 map of {model} has shape "
                                      f"{r.shape}, the reliability mask {mask.shape}")
-        if r2s and mask.any():
-            mean_r2 = float(np.mean([np.nanmean(r[mask]) for r in r2s]))
+        tables = res.get("participant_tables")
+        if tables is not None and len(tables) != len(r2s):
+            raise InputDataError(f"model comparison: {model} has {len(tables)} participant "
+                                 f"tables for {len(r2s)} R2 maps")
+        ids = [str(p) for p in res.get("participants", range(len(r2s)))]
+        if len(ids) != len(r2s):
+            raise InputDataError(f"model comparison: {model} has {len(ids)} participant ids "
+                                 f"for {len(r2s)} R2 maps")
+        with np.errstate(invalid="ignore"):
+            r2_p = np.array([np.nanmean(r[mask]) if mask.any() and np.isfinite(r[mask]).any()
+                             else np.nan for r in r2s])
+        if tables is not None and k:
+            frac_p = np.array([t.loc[t["q"] < q_alpha, "atom"].nunique() / k for t in tables])
         else:
-            mean_r2 = float("nan")
+            frac_p = np.full(len(r2s), np.nan)
+        per_part[model] = (ids, {"mean_r2_reliable": r2_p, "fraction_atoms_labelled": frac_p})
         if k > 1:
             with np.errstate(invalid="ignore", divide="ignore"):
                 c = np.corrcoef(atoms, rowvar=False)
@@ -327,17 +396,40 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05) ->
         else:
             nets = sig["network"].astype(str)
         networks = ", ".join(sorted(dict.fromkeys(nets.tolist())))
-        rows.append({
+        row = {
             "model": model,
             "n_atoms": k,
             "n_participants": len(r2s),
             "networks": networks,
             "atoms_per_network": _atoms_per_network(sig, multi),
-            "mean_r2_reliable": mean_r2,
+        }
+        for name, values in per_part[model][1].items():
+            row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = _bootstrap(
+                values, n_boot, rng)
+        row.update({
             "reliability_mask_used": res["reliability_mask"] is not None,
             "mean_abs_atom_corr": mean_corr,
-            "fraction_atoms_labelled": sig["atom"].nunique() / k if k else float("nan"),
+            "fraction_atoms_labelled_group": sig["atom"].nunique() / k if k else float("nan"),
         })
+        rows.append(row)
     df = pd.DataFrame(rows)
     df.attrs["equal_k"] = bool(df["n_atoms"].nunique() == 1)
+    paired = []
+    models = list(per_part)
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            ids_a, fig_a = per_part[a]
+            ids_b, fig_b = per_part[b]
+            pos_b = {p: j for j, p in enumerate(ids_b)}
+            common = [(j, pos_b[p]) for j, p in enumerate(ids_a) if p in pos_b]
+            ia = np.array([c[0] for c in common], int)
+            ib = np.array([c[1] for c in common], int)
+            for name in PARTICIPANT_FIGURES:
+                d = fig_a[name][ia] - fig_b[name][ib]
+                mean, low, high = _bootstrap(d, n_boot, rng)
+                paired.append({"model_a": a, "model_b": b, "figure": name,
+                               "difference": mean, "ci_low": low, "ci_high": high,
+                               "n_participants": int(np.isfinite(d).sum())})
+    df.attrs["paired"] = pd.DataFrame(paired, columns=[
+        "model_a", "model_b", "figure", "difference", "ci_low", "ci_high", "n_participants"])
     return df

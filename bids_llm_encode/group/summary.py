@@ -3,7 +3,7 @@
 One summary per task x space x model, then one model comparison per task x space (each a
 node of the group graph, ``workflows.group.init_group_wf``). It reads only what the
 participant level wrote into output_dir (and the participants' BOLD from bids_dir for the
-leave-one-out noise ceiling).
+noise ceiling).
 """
 
 from __future__ import annotations
@@ -16,13 +16,19 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputDataError, MissingInputError
-from ..outputs import PARTICIPANT_NETWORKS_RE
+from ..outputs import PARTICIPANT_NETWORKS_RE, with_stim
 
 LOGGER = logging.getLogger(__name__)
 
 def record_from_networks(path) -> dict | None:
-    """{sub, task, run, space, model, networks, prefix, folder} of a participant's
-    ``*_networks.tsv``; None for a file that is not one."""
+    """{sub, task, run, stim, space, model, networks, prefix, folder, identity, atoms_file}
+    of a participant's ``*_networks.tsv`` (identity: the bids_inputs.StimulusIdentity its
+    JSON sidecar records, None for outputs written before it did); None for a file that
+    is not one."""
+    import json
+
+    from ..bids_inputs import StimulusIdentity
+
     path = Path(path)
     m = PARTICIPANT_NETWORKS_RE.match(path.name)
     if not m:
@@ -31,16 +37,43 @@ def record_from_networks(path) -> dict | None:
     info["networks"] = str(path)
     info["prefix"] = path.name[: -len("_networks.tsv")]
     info["folder"] = str(path.parent)
+    side = path.with_name(path.name[: -len(".tsv")] + ".json")
+    try:
+        meta = json.loads(side.read_text()) if side.exists() else {}
+    except json.JSONDecodeError:
+        meta = {}
+    ident = meta.get("StimulusIdentity")
+    info["identity"] = StimulusIdentity.from_json(ident) if ident else None
+    info["atoms_file"] = meta.get("AtomsFile")
     return info
 
 
 def collect_participant_outputs(output_dir, task_labels=None) -> dict[tuple, list[dict]]:
-    """{(task, space, model): [record_from_networks(...)]} from sub-*/func."""
-    found = defaultdict(list)
+    """{(task, stim, space, model): [record_from_networks(...)]} from sub-*/func.
+
+    One key per stimulus identity (audio, alignment, story TRs, onset, TR): records of
+    different identities are never pooled. ``stim`` is the identity's label
+    (bids_inputs.stimulus_labels) where the task has several identities, else ""."""
+    from ..bids_inputs import stimulus_labels
+
+    by_ident = defaultdict(list)
     for path in sorted(Path(output_dir).glob("sub-*/func/*_networks.tsv")):
         info = record_from_networks(path)
-        if info is not None:
-            found[(info["task"], info["space"], info["model"])].append(info)
+        if info is not None:  # outputs without an identity: keyed by their file name
+            ident = info["identity"] or ("file", info["task"], info["stim"] or "")
+            by_ident[(ident, info["space"], info["model"])].append(info)
+    def task_of(ident):
+        return ident[1] if isinstance(ident, tuple) else ident.task
+
+    per_task = defaultdict(set)
+    for ident, _, _ in by_ident:
+        per_task[task_of(ident)].add(ident)
+    labels = stimulus_labels(i for i, _, _ in by_ident if not isinstance(i, tuple))
+    found = defaultdict(list)
+    for (ident, space, model), recs in by_ident.items():
+        task = task_of(ident)
+        label = ident[2] if isinstance(ident, tuple) else labels[ident]
+        found[(task, label if len(per_task[task]) > 1 else "", space, model)] += recs
     if not found:
         raise MissingInputError(
             f"no participant outputs in {output_dir} (sub-*/func/*_networks.tsv): run the "
@@ -104,13 +137,18 @@ def common_geometry(records: list[dict]):
 SIGN_FLIP_MIN_PARTICIPANTS = 8  # 2^8 sign patterns: min p 0.004, enough for FDR over rows
 
 
-def group_summary(settings, task: str, space: str, model: str, records: list[dict]) -> dict:
-    """Group t-maps, group labels, noise ceiling; writes group/ files; returns a summary."""
+def group_summary(settings, task: str, space: str, model: str, records: list[dict],
+                  stimulus: str = "") -> dict:
+    """Group t-maps, group labels, noise ceiling; writes group/ files; returns a summary.
+
+    ``records`` share one stimulus identity (collect_participant_outputs' keys);
+    ``stimulus``: its label, written as ``stim-<label>`` into every group file name when
+    the task has several identities ("" otherwise)."""
     from ..derivatives import write_image, write_tsv
-    from ..encoding import noise_ceiling
+    from ..encoding.ceiling import explainable_variance
     from ..networks import ShiftNull
     from ..outputs import write_maps
-    from ..pipeline import load_atlases
+    from ..pipeline import load_atlases, spatial_null
     from .statistics import GroupShiftNull, group_labels, group_ttest, reliable_mask
 
     out = Path(settings.output_dir) / "group"
@@ -129,7 +167,7 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
     r2_mean = np.nanmean(np.stack(r2s), 0)
     atlases = load_atlases(settings.fbn_atlas, settings.fbn_labels, geom)
     Ys = _participant_bold(settings, task, space, records, geom)
-    atoms = _read_atoms(settings.output_dir, task, model)
+    atoms = _read_atoms(settings.output_dir, task, model, records)
 
     null, null_kind = None, "sign-flip"
     if len(records) < SIGN_FLIP_MIN_PARTICIPANTS and Ys is not None and atoms is not None \
@@ -142,41 +180,56 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
         # t's with heavier tails that swamped the per-voxel null scale (no planted network
         # found with 3 participants at 8 mm; all of them with this null).
         null = GroupShiftNull([
-            ShiftNull(Y, atoms, np.nan_to_num(a, nan=1.0), n_null=settings.n_null,
+            ShiftNull(Y, atoms, np.nan_to_num(a, nan=1.0),
+                      n_null=max(settings.n_null, Y.shape[0]),  # every admissible shift
                       seed=settings.seed) for Y, a in zip(Ys, alphas)])
         null_kind = "group circular shift"
+    spatial, spatial_kind = spatial_null(geom, seed=settings.seed)
     table = group_labels(tables, t_map, r2_mean, atlases, null, coef_maps=coefs,
-                         z=settings.map_threshold, n_null=settings.n_null, seed=settings.seed)
+                         z=settings.map_threshold, n_null=settings.n_null, seed=settings.seed,
+                         spatial_null=spatial)
     table["atom"] = table["atom"] + 1
-    ent = {"task": task, "space": space}
-    stem = f"task-{task}_space-{space}_model-{model}"
+    ent = {"task": task, "space": space, "stim": stimulus or None}
+    stem = with_stim(f"task-{task}_space-{space}_model-{model}", stimulus)
     written = [write_tsv(out / f"{stem}_networks.tsv", table)]
     sidecar = {"Model": model, "NumberOfParticipants": len(records),
                "Participants": [r["sub"] for r in records], "NumberOfAtoms": k,
-               "GroupNull": null_kind, "ThresholdZ": settings.map_threshold}
+               "GroupNull": null_kind, "ThresholdZ": settings.map_threshold,
+               "GroupNullDraws": int(table["n_null"].iloc[0]) if len(table) else 0,
+               "SpatialNull": spatial_kind, "TestedStatistic": "dice",
+               "LabelRule": "significant = p_time < .05 and p_space < .05 (max-statistic "
+                            "FWER over all group rows); q = max(p_time, p_space)"}
     maps = {("t", "atoms"): t_map, ("r2", "mean"): r2_mean}
 
-    ceiling = None
+    reliable = None
     if Ys is not None:
-        ceiling = noise_ceiling(Ys)
-        reliable = reliable_mask(ceiling["isc_per_participant"])
+        # ceiling R2 = mean pairwise ISC (unbiased in the number of participants); the mask
+        # tests it against independent circular shifts per participant, BH-FDR over voxels
+        ceiling = explainable_variance(Ys)
+        reliable = reliable_mask(ceiling["ceiling_r2"], ceiling["null_sd"])
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = np.where(ceiling["ceiling_r2"] > 0, r2_mean / ceiling["ceiling_r2"], np.nan)
         maps[("r2", "ceilingfraction")] = np.where(reliable, frac, np.nan)
-        written += write_maps(out, dict(ent), geom, {("isc", "ceiling"): ceiling["isc"]},
-                              {"NumberOfParticipants": len(records)})
+        written += write_maps(out, dict(ent), geom,
+                              {("isc", "ceiling"): ceiling["ceiling_r2"]},
+                              {"NumberOfParticipants": len(records),
+                               "CeilingModel": "y_i = s + e_i; mean pairwise ISC"})
         if mask_img is not None:
             import nibabel as nib
 
             rel = np.zeros(mask_img.shape, np.uint8)
             rel[np.asarray(mask_img.dataobj) > 0] = reliable
             written.append(write_image(
-                out / f"task-{task}_space-{space}_desc-reliable_mask.nii.gz",
+                out / with_stim(f"task-{task}_space-{space}_desc-reliable_mask.nii.gz",
+                                stimulus),
                 nib.Nifti1Image(rel, mask_img.affine)))
     written += write_maps(out, dict(ent, model=model), geom, maps, sidecar)
-    reliable = None if ceiling is None else reliable_mask(ceiling["isc_per_participant"])
     return {"model": model, "table": table, "r2_mean": r2_mean, "reliable": reliable,
             "n_participants": len(records), "k": k, "atoms": atoms,
+            # per participant, for the model comparison (bootstrap over participants)
+            "r2_maps": [np.asarray(r, np.float32) for r in r2s], "participant_tables": tables,
+            "participants": [r["sub"] + (f"_run-{r['run']}" if r.get("run") else "")
+                             for r in records],
             "written": [str(p) for p in written]}
 
 
@@ -192,7 +245,8 @@ def _participant_bold(settings, task, space, records, geom):
         return None
     specs = find_scans(settings.bids_dir, subjects, [task], derivatives=settings.derivatives,
                        space=space, exclude=settings.exclude,
-                       validate=not settings.skip_bids_validation)
+                       validate=not settings.skip_bids_validation,
+                       trust_tr=settings.trusted_tr())
     wanted = {(r["sub"], r["run"]) for r in records}
     Ys = []
     for spec in specs:
@@ -220,21 +274,42 @@ def _to_common(Y, g, geom):
     return full[:, geom.keep]
 
 
-def _read_atoms(output_dir, task, model):
-    files = sorted((Path(output_dir) / "atoms").glob(f"task-{task}*_model-{model}_atoms.tsv"))
+def _read_atoms(output_dir, task, model, records=()):
+    """The atoms of exactly the records' stimulus identity: the file their sidecars name
+    (outputs.atoms_file); for outputs that name none, the task's one atoms file, and None
+    when there are several (never another identity's atoms)."""
+    from ..outputs import atoms_file
+
+    named = [r.get("atoms_file") for r in records if r.get("atoms_file")]
+    files = [Path(output_dir) / f for f in dict.fromkeys(named)]
+    if not named:
+        stims = {r.get("stim") for r in records} or {None}
+        files = [Path(output_dir) / atoms_file(task, s or task, model) for s in stims]
+        if len(files) > 1:
+            return None
+    files = [f for f in files if f.exists()]
     if not files:
         return None
     return pd.read_csv(files[0], sep="\t").drop(columns=["onset"]).to_numpy()
 
 
-def compare_models(output_dir, task: str, space: str, summaries: list[dict]) -> str:
-    """``group/task-<task>_space-<space>_networks-by-model.tsv`` from group_summary()s."""
+def compare_models(output_dir, task: str, space: str, summaries: list[dict],
+                   stimulus: str = "") -> str:
+    """``group/task-<task>_space-<space>_networks-by-model.tsv`` from group_summary()s (every
+    figure per participant, participant-bootstrap CIs), and with two or more models the
+    paired differences ``..._networks-by-model-paired.tsv`` next to it."""
     from ..derivatives import write_tsv
     from .statistics import model_comparison
 
     table = model_comparison({
-        s["model"]: dict(labels=s["table"], atoms=s["atoms"], r2_maps=[s["r2_mean"]],
+        s["model"]: dict(labels=s["table"], atoms=s["atoms"],
+                         r2_maps=s.get("r2_maps", [s["r2_mean"]]),
+                         participant_tables=s.get("participant_tables"),
+                         participants=s.get("participants", range(len(s.get("r2_maps", [0])))),
                          reliability_mask=s["reliable"])
         for s in summaries})
-    return str(write_tsv(Path(output_dir) / "group" /
-                         f"task-{task}_space-{space}_networks-by-model.tsv", table))
+    folder = Path(output_dir) / "group"
+    stem = with_stim(f"task-{task}_space-{space}_networks-by-model", stimulus)
+    if len(table) > 1:
+        write_tsv(folder / f"{stem}-paired.tsv", table.attrs["paired"])
+    return str(write_tsv(folder / f"{stem}.tsv", table))

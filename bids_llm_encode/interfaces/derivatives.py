@@ -28,6 +28,7 @@ class _StimSinkInputSpec(BaseInterfaceInputSpec):
     dictionary_meta = File(exists=True, mandatory=True)
     extraction_meta = File(exists=True, mandatory=True)
     settings = traits.Dict(mandatory=True)
+    identity = traits.Dict({}, usedefault=True, desc="stimulus identity for the sidecar")
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -37,6 +38,9 @@ class _SinkOutputSpec(TraitedSpec):
 class WriteStimulusOutputs(SimpleInterface):
     input_spec = _StimSinkInputSpec
     output_spec = _SinkOutputSpec
+    # Never cached: a rerun rewrites outputs deleted (or lost) since the last run.
+    # Cheap, atomic and deterministic, so rerunning them is safe.
+    always_run = True
 
     def _run_interface(self, runtime):
         from ..outputs import write_stimulus_outputs
@@ -45,7 +49,7 @@ class WriteStimulusOutputs(SimpleInterface):
         self._results["out_files"] = write_stimulus_outputs(
             i.output_dir, i.task, i.stimulus, i.model, i.tr, i.trs_start, i.atoms,
             i.loadings, i.subgroups, i.units, i.dictionary_meta, i.extraction_meta,
-            i.settings)
+            i.settings, identity=i.identity)
         return runtime
 
 
@@ -61,11 +65,15 @@ class _PartSinkInputSpec(BaseInterfaceInputSpec):
     networks_meta = File(exists=True, mandatory=True)
     dictionary_meta = File(exists=True, mandatory=True)
     settings = traits.Dict(mandatory=True)
+    identity = traits.Dict({}, usedefault=True, desc="stimulus identity for the sidecar")
 
 
 class WriteParticipantOutputs(SimpleInterface):
     input_spec = _PartSinkInputSpec
     output_spec = _SinkOutputSpec
+    # Never cached: a rerun rewrites outputs deleted (or lost) since the last run.
+    # Cheap, atomic and deterministic, so rerunning them is safe.
+    always_run = True
 
     def _run_interface(self, runtime):
         from ..outputs import write_participant_outputs
@@ -76,7 +84,8 @@ class WriteParticipantOutputs(SimpleInterface):
             maps=i.maps, encoding_meta=_read_json(i.encoding_meta),
             baseline_maps=i.baseline_maps, networks=i.networks,
             networks_meta=_read_json(i.networks_meta),
-            dictionary_meta=_read_json(i.dictionary_meta), settings=i.settings)
+            dictionary_meta=_read_json(i.dictionary_meta), settings=i.settings,
+            identity=i.identity)
         return runtime
 
 

@@ -23,6 +23,8 @@ class _ExtractInputSpec(ThreadedInputSpec):
     units = traits.Enum("mlp-out", "mlp-neurons", mandatory=True)
     context_tokens = traits.Int(mandatory=True)
     hrf = traits.Str(mandatory=True)
+    slice_time_ref = traits.Float(mandatory=True, desc="fraction of the TR of each volume's "
+                                  "sample time")
     device = traits.Str(mandatory=True)
     dtype = traits.Str(mandatory=True)
     cache_dir = traits.Str(desc="cross-run cache of extracted responses")
@@ -49,6 +51,7 @@ class ExtractResponses(ThreadedInterface):
         resp = extract_responses(
             words, inp.tr, inp.n_trs, model=inp.model, units=inp.units,
             context_tokens=inp.context_tokens, hrf_model=inp.hrf,
+            slice_time_ref=inp.slice_time_ref,
             device=inp.device, dtype=inp.dtype,
             cache_dir=inp.cache_dir or None, progress=False,
         )

@@ -21,6 +21,8 @@ class _GroupSummaryInputSpec(ThreadedInputSpec):
     task = traits.Str(mandatory=True)
     space = traits.Str(mandatory=True)
     model = traits.Str(mandatory=True, desc="model label as in the file names")
+    stimulus = traits.Str("", usedefault=True,
+                          desc="stimulus identity label for the file names ('' = task's only)")
     networks = InputMultiObject(File(exists=True), mandatory=True,
                                 desc="the participants' *_networks.tsv of this task/model")
 
@@ -43,9 +45,10 @@ class GroupSummary(ThreadedInterface):
         i = self.inputs
         records = [record_from_networks(p) for p in i.networks]
         summary = group_summary(Settings.from_dict(i.settings), i.task, i.space, i.model,
-                                records)
+                                records, stimulus=i.stimulus)
         path = os.path.join(runtime.cwd, "summary.pkl")
-        keep = ("model", "table", "atoms", "r2_mean", "reliable")
+        keep = ("model", "table", "atoms", "r2_mean", "reliable", "r2_maps",
+                "participant_tables", "participants")
         with open(path, "wb") as f:
             pickle.dump({key: summary[key] for key in keep}, f)
         self._results["summary"] = path
@@ -57,6 +60,7 @@ class _CompareModelsInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True)
     task = traits.Str(mandatory=True)
     space = traits.Str(mandatory=True)
+    stimulus = traits.Str("", usedefault=True, desc="stimulus identity label ('' = none)")
     summaries = InputMultiObject(File(exists=True), mandatory=True)
 
 
@@ -78,5 +82,6 @@ class CompareModels(SimpleInterface):
         for path in i.summaries:
             with open(path, "rb") as f:
                 summaries.append(pickle.load(f))
-        self._results["out_file"] = compare_models(i.output_dir, i.task, i.space, summaries)
+        self._results["out_file"] = compare_models(i.output_dir, i.task, i.space, summaries,
+                                                   stimulus=i.stimulus)
         return runtime

@@ -25,6 +25,9 @@ class _ReportOutputSpec(TraitedSpec):
 class ParticipantReport(SimpleInterface):
     input_spec = _ParticipantReportInputSpec
     output_spec = _ReportOutputSpec
+    # Never cached: a rerun rewrites outputs deleted (or lost) since the last run.
+    # Cheap, atomic and deterministic, so rerunning them is safe.
+    always_run = True
 
     def _run_interface(self, runtime):
         from ..config import Settings
@@ -44,6 +47,9 @@ class _GroupReportInputSpec(BaseInterfaceInputSpec):
 class GroupReport(SimpleInterface):
     input_spec = _GroupReportInputSpec
     output_spec = _ReportOutputSpec
+    # Never cached: a rerun rewrites outputs deleted (or lost) since the last run.
+    # Cheap, atomic and deterministic, so rerunning them is safe.
+    always_run = True
 
     def _run_interface(self, runtime):
         from ..config import Settings

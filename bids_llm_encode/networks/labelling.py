@@ -1,4 +1,4 @@
-"""Network labels of atom maps: observed and null overlaps with every atlas network, p and q."""
+"""Network labels of atom maps: Dice with every atlas network, p_time / p_space (FWER), q."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 from bids_llm_encode.errors import InputDataError
 
 from .atlases import Atlas, network_table
-from .overlap import _valid_r2, count_pvalues, fdr_bh, permutation_pvalues, threshold_map
+from .overlap import _valid_r2, maxstat_pvalues, threshold_map
 
 DIRECTIONS = ("activated", "deactivated")
 
@@ -90,34 +90,48 @@ def _null_dice(null, coefs, r2, valid, onehot, sizes, z, cache_bytes, mode="zsco
 
 
 def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96, *,
-                threshold: float | None = None, p_method: str = "auto",
-                cache_bytes: int = 2**30, threshold_mode: str = "nullz") -> pd.DataFrame:
+                threshold: float | None = None, p_method: str = "empirical",
+                cache_bytes: int = 2**30, threshold_mode: str = "nullz",
+                spatial_null=None, alpha: float = 0.05) -> pd.DataFrame:
     """Label each atom's activated/deactivated map with every network of every atlas.
 
     Parameters
     ----------
     coefs : (k x V) coefficient maps (V = in-mask voxels/vertices, atlas label order).
-    r2 : (V,) held-out R2; only voxels with R2 > 0 enter the maps.
+    r2 : (V,) held-out R2; only voxels with R2 > 0 enter the maps ("zscore", "absolute").
     atlases : atlases on the same voxels (:func:`load_atlas`).
-    null_coefs : null coefficient maps ``(n_null x k x V)``, or a null object with a
-        ``blocks(coefs, r2)`` method (:class:`ShiftNull`, :class:`SpinNull`, group nulls),
-        or a callable ``f(coefs, r2)`` returning such blocks. Every null map is thresholded
-        exactly like the observed one.
+    null_coefs : the temporal (or group) null: null coefficient maps ``(n_null x k x V)``,
+        or a null object with a ``blocks(coefs, r2)`` method (:class:`ShiftNull`,
+        :class:`SpinNull`, group nulls), or a callable ``f(coefs, r2)`` returning such
+        blocks. Every null map is thresholded exactly like the observed one.
     z (or threshold) : z-score threshold (default 1.96).
-    p_method : "auto" (default), "gpd" or "empirical"; see :func:`permutation_pvalues`.
+    p_method : ignored (kept for callers); every reported p is a permutation p, no tail
+        is extrapolated.
     threshold_mode : "nullz" (default): every voxel's coefficient is standardised by that
-        voxel's own null distribution (mean and sd over the null maps), and the observed and
-        every null map are cut at +/- z of it; p comes from the null overlap counts
-        (:func:`count_pvalues`). Voxels whose time courses are smoother carry larger
-        spurious coefficients; without this they would fill every null map and make overlap
-        with any other network look significant. "zscore" (per-map standardisation) and
-        "absolute" (cut at +/- z as they are) use the Dice permutation p; see
-        :func:`threshold_map`.
+        voxel's own null sd (pooled over atoms, :func:`_null_scale`), and the observed and
+        every null map are cut at +/- z of it. "zscore" (per-map standardisation) and
+        "absolute" (cut at +/- z as they are); see :func:`threshold_map`.
+    spatial_null : the spatial null (``p_space``): an object with ``surrogates(values)``
+        -> ``(n, V)`` surrogate maps of one map (NaN = no data): :class:`VariogramNull`
+        (volumes), :class:`SpinNull` (surfaces). None: no spatial test (``p_space`` NaN).
+    alpha : the family-wise level of ``significant``.
 
-    Returns a DataFrame with one row per atom x direction x atlas x network, columns
-    ``atom atlas network direction dice p q n_voxels`` (``n_voxels``: size of the thresholded
-    map) and ``p_perm n_null n_network n_overlap threshold z`` (``threshold``: coefficient
-    value of the cut-off). ``q`` is Benjamini-Hochberg over all rows.
+    The tested statistic is the Dice of the thresholded map with the network, in the
+    observed map and in every null map alike. ``p_time``: family-wise adjusted p of the
+    Dice against the temporal null, max-statistic over all rows (atoms x directions x
+    atlases x networks) of the same null draws, every row standardised by its own null
+    (:func:`maxstat_pvalues`). ``p_space``: the same against ``spatial_null``: every
+    surrogate of the (standardised) map is cut at the observed threshold; computed for the
+    atoms with at least one row ``p_time < alpha`` (the others cannot be labelled), the
+    max-statistic running over all rows of those atoms. ``q = max(p_time, p_space)``, the
+    adjusted p of a label (a FWER-adjusted p is also a valid FDR q); ``significant`` =
+    both ``< alpha``. ``p``: the uncorrected temporal permutation p of the row.
+    ``enrichment`` = (network's share of the map) / (network's share of the analysed
+    voxels). A map with no overlap gets p = 1.
+
+    Returns one row per atom x direction x atlas x network: ``atom atlas network direction
+    dice p_time p_space q significant n_voxels enrichment p statistic n_null n_space
+    n_network n_overlap threshold z``.
     """
     if threshold is not None:
         z = threshold
@@ -134,38 +148,90 @@ def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96
     sizes = onehot.sum(0).astype(float)
     k = coefs.shape[0]
     if threshold_mode == "nullz":
-        return _label_atoms_nullz(coefs, r2, onehot, rows, sizes, null_coefs, z, cache_bytes)
-    obs = threshold_map(coefs, r2, z, mode=threshold_mode)
-    obs_masks = np.stack([obs.activated, obs.deactivated], 0)  # (2, k, V)
-    size_obs = obs_masks.sum(-1).astype(float)  # (2, k)
-    inter_obs = (obs_masks.reshape(2 * k, -1).astype(np.float32) @ onehot).reshape(2, k, -1)
-    den = size_obs[..., None] + sizes[None, None, :]
-    dice_obs = np.where(den > 0, 2.0 * inter_obs / np.maximum(den, 1), 0.0)
-    null_d = _null_dice(null_coefs, coefs, r2, obs.valid, onehot, sizes, z, cache_bytes,
-                        mode=threshold_mode)
-    p, p_perm = permutation_pvalues(dice_obs, null_d, method=p_method)
-    # a map with no overlap cannot be associated with a network
-    p = np.where(inter_obs > 0, p, 1.0)
-    thr = np.stack([np.atleast_1d(obs.upper), np.atleast_1d(obs.lower)], 0)
-    return _label_table(rows, dice_obs, p, p_perm, size_obs, inter_obs, sizes,
-                        null_d.shape[0], thr, z)
+        obs = _label_atoms_nullz(coefs, r2, onehot, sizes, null_coefs, z, cache_bytes)
+    else:
+        t = threshold_map(coefs, r2, z, mode=threshold_mode)
+        obs_masks = np.stack([t.activated, t.deactivated], 0)  # (2, k, V)
+        size_obs = obs_masks.sum(-1).astype(float)  # (2, k)
+        inter_obs = (obs_masks.reshape(2 * k, -1).astype(np.float32) @ onehot
+                     ).reshape(2, k, -1)
+        null_d = _null_dice(null_coefs, coefs, r2, t.valid, onehot, sizes, z, cache_bytes,
+                            mode=threshold_mode)
+        upper = np.broadcast_to(np.asarray(t.upper, float), (k,))
+        lower = np.broadcast_to(np.asarray(t.lower, float), (k,))
+        ok = t.valid[None, :] & np.isfinite(coefs) & np.isfinite(upper)[:, None]
+        obs = dict(size_obs=size_obs, inter_obs=inter_obs, null_d=null_d,
+                   values=np.where(ok, coefs, np.nan), upper=upper, lower=lower)
+    return _label_table(rows, onehot, sizes, obs, z, spatial_null, alpha)
 
 
-def _label_table(rows, dice_obs, p, p_perm, size_obs, inter_obs, sizes, n_null, thr, z):
-    """One row per atom x direction x atlas network; q = BH over all rows."""
-    k = dice_obs.shape[1]
+def _dice(inter, size, sizes):
+    den = size[..., None] + sizes
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, 2.0 * inter / np.maximum(den, 1), 0.0)
+
+
+def _spatial_null_dice(spatial_null, values, upper, lower, onehot, sizes, atoms):
+    """Dice of every surrogate of each atom's map in ``atoms``: (n, 2, len(atoms), M)."""
+    out = None
+    for i, j in enumerate(atoms):
+        S = np.asarray(spatial_null.surrogates(values[j]), float)
+        fin = np.isfinite(S)
+        with np.errstate(invalid="ignore"):
+            masks = (fin & (S >= upper[j]), fin & (S <= lower[j]))
+        if out is None:
+            out = np.zeros((S.shape[0], 2, len(atoms), onehot.shape[1]))
+        for d, m in enumerate(masks):
+            inter = m.astype(np.float32) @ onehot
+            out[:, d, i] = _dice(inter, m.sum(1).astype(float), sizes)
+    return out
+
+
+def _label_table(rows, onehot, sizes, obs, z, spatial_null, alpha):
+    """p_time, p_space (max-statistic FWER), q, enrichment: one row per atom x direction x
+    atlas network (see :func:`label_atoms`)."""
+    size_obs, inter_obs, null_d = obs["size_obs"], obs["inter_obs"], obs["null_d"]
+    values, upper, lower = obs["values"], obs["upper"], obs["lower"]
+    k = size_obs.shape[1]
+    n_null = null_d.shape[0]
+    dice_obs = _dice(inter_obs, size_obs, sizes)
+    overlap = inter_obs > 0
+    p_time, p_perm = maxstat_pvalues(dice_obs, null_d)
+    p_time = np.where(overlap, p_time, 1.0)
+    p_perm = np.where(overlap, p_perm, 1.0)
+    p_space = np.full(dice_obs.shape, np.nan)
+    n_space = 0
+    if spatial_null is not None:
+        atoms = [j for j in range(k) if (p_time[:, j] < alpha).any()]
+        if atoms:
+            null_s = _spatial_null_dice(spatial_null, values, upper, lower, onehot, sizes,
+                                        atoms)
+            n_space = null_s.shape[0]
+            ps, _ = maxstat_pvalues(dice_obs[:, atoms], null_s)
+            p_space[:, atoms] = np.where(overlap[:, atoms], ps, 1.0)
+    q = np.fmax(p_time, p_space)
+    sig = (p_time < alpha) & ((p_space < alpha) if spatial_null is not None else True)
+    analysed = np.isfinite(values)
+    net_share = (analysed.astype(np.float32) @ onehot) / np.maximum(
+        analysed.sum(1, keepdims=True), 1)  # (k, M)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        enrich = np.where(size_obs[..., None] > 0,
+                          (inter_obs / np.maximum(size_obs[..., None], 1)) / net_share[None],
+                          np.nan)
+    thr = np.stack([np.broadcast_to(upper, (k,)), np.broadcast_to(lower, (k,))], 0)
     records = []
     for j in range(k):
         for d, direction in enumerate(DIRECTIONS):
             for m, (aname, nname) in enumerate(rows):
-                records.append((j, aname, nname, direction, dice_obs[d, j, m], p[d, j, m],
-                                int(size_obs[d, j]), p_perm[d, j, m], n_null, int(sizes[m]),
+                records.append((j, aname, nname, direction, dice_obs[d, j, m],
+                                p_time[d, j, m], p_space[d, j, m], q[d, j, m],
+                                bool(sig[d, j, m]), int(size_obs[d, j]), enrich[d, j, m],
+                                p_perm[d, j, m], "dice", n_null, n_space, int(sizes[m]),
                                 int(inter_obs[d, j, m]), thr[d, j], z))
-    df = pd.DataFrame.from_records(records, columns=[
-        "atom", "atlas", "network", "direction", "dice", "p", "n_voxels", "p_perm", "n_null",
+    return pd.DataFrame.from_records(records, columns=[
+        "atom", "atlas", "network", "direction", "dice", "p_time", "p_space", "q",
+        "significant", "n_voxels", "enrichment", "p", "statistic", "n_null", "n_space",
         "n_network", "n_overlap", "threshold", "z"])
-    df.insert(6, "q", fdr_bh(df["p"].to_numpy()))
-    return df
 
 
 def _null_pass(factory, valid):
@@ -176,8 +242,8 @@ def _null_pass(factory, valid):
         yield sl, block, vb
 
 
-def _label_atoms_nullz(coefs, r2, onehot, rows, sizes, null, z, cache_bytes) -> pd.DataFrame:
-    """label_atoms with maps standardised per voxel by the null (see its docstring)."""
+def _label_atoms_nullz(coefs, r2, onehot, sizes, null, z, cache_bytes) -> dict:
+    """Observed and null overlaps of maps standardised per voxel by the null."""
     k, V = coefs.shape
     # Every finite voxel enters (not only held-out R2 > 0): R2 > 0 selects voxels where the
     # atoms fit at the true alignment, which inflates their observed coefficients relative
@@ -219,11 +285,10 @@ def _label_atoms_nullz(coefs, r2, onehot, rows, sizes, null, z, cache_bytes) -> 
             size_null[:, d] += m.sum(-1)
             inter_null[:, d] += (m.reshape(n_null * k, -1).astype(np.float32) @ nets
                                  ).reshape(n_null, k, M)
-    den = size_obs[..., None] + sizes[None, None, :]
-    dice_obs = np.where(den > 0, 2.0 * inter_obs / np.maximum(den, 1), 0.0)
-    p, p_perm = count_pvalues(inter_obs, inter_null)
-    thr = np.full((2, k), float(z))
-    return _label_table(rows, dice_obs, p, p_perm, size_obs, inter_obs, sizes, n_null, thr, z)
+    return dict(size_obs=size_obs, inter_obs=inter_obs,
+                null_d=_dice(inter_null, size_null, sizes),
+                values=np.where(ok, zc, np.nan), upper=np.full(k, float(z)),
+                lower=np.full(k, -float(z)))
 
 
 def _null_scale(m2, valid):

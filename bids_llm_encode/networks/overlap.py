@@ -1,4 +1,4 @@
-"""Overlap statistics: thresholded maps, Dice, permutation and count p-values, BH-FDR."""
+"""Overlap statistics: thresholded maps, Dice, permutation p-values, max-statistic FWER, BH."""
 
 from __future__ import annotations
 
@@ -163,6 +163,10 @@ def count_pvalues(observed, null, min_exceed: int = 10,
                   min_null: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """p of observed overlap counts (shape S) against null counts (n_null x S).
 
+    Not used for any reported p since issue 14: its extrapolated tail gave p ~ 1e-4 to
+    false rows (24 % false discoveries at nominal 5 %); :func:`label_atoms` reports
+    :func:`maxstat_pvalues` instead.
+
     ``p_perm = (1 + #null >= obs) / (1 + n)``. Where the observed count lies beyond every
     null count, the permutation p cannot resolve small values (FDR over thousands of rows
     needs them), so p comes from a negative binomial with the null's
@@ -195,3 +199,48 @@ def count_pvalues(observed, null, min_exceed: int = 10,
     p = np.where(over, p_nb, np.where(tail, p_pois, p))
     p = np.where(obs > 0, p, 1.0)
     return np.clip(p, 1e-300, 1.0), p_perm
+
+
+def maxstat_pvalues(observed, null, family=None, floor_fraction: float = 0.5
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Family-wise adjusted p (Westfall-Young single step, Nichols & Holmes 2002).
+
+    ``observed`` (shape S) and ``null`` (n_null x S) hold one statistic per row of the
+    family, the null rows coming from the SAME draws (one shift, one sign pattern or one
+    surrogate per draw for every row). Every row is standardised by the distribution of
+    its own values over the observed and the null draws together, ``(x - mean) / sd``
+    (a function of the whole permutation set, so the test stays exact), with ``sd``
+    floored at ``floor_fraction`` x the median sd of the rows that vary: a row whose null
+    almost never overlaps (one non-zero draw) would otherwise reach z ~ sqrt(n) in that
+    draw and set every draw's maximum. The adjusted p of a row is
+    ``(1 + #draws whose maximum over the family >= the row's observed z) / (1 + n)``: no
+    tail is extrapolated, the smallest value is ``1 / (1 + n)``. ``family`` (bool, shape
+    S) restricts the family (rows outside get NaN). Returns ``(p_fwer, p_perm)``,
+    ``p_perm`` being the uncorrected permutation p of each row.
+    """
+    obs = np.asarray(observed, float)
+    null = np.asarray(null, float)
+    n = null.shape[0]
+    if null.shape[1:] != obs.shape:
+        raise InputDataError(f"null statistics have shape {null.shape}, expected "
+                             f"(n_null,) + {obs.shape}")
+    exceed = (null >= obs[None] - 1e-10).sum(0)
+    p_perm = (1.0 + exceed) / (1.0 + n)
+    fam = np.ones(obs.shape, bool) if family is None else np.asarray(family, bool)
+    p = np.full(obs.shape, np.nan)
+    if n == 0 or not fam.any():
+        return p, p_perm
+    o = obs[fam]
+    x = null[:, fam]
+    allv = np.concatenate([o[None], x], 0)
+    mean = allv.mean(0)
+    sd = allv.std(0)
+    vary = sd > 1e-12
+    floor = floor_fraction * float(np.median(sd[vary])) if vary.any() else 1.0
+    sd = np.maximum(sd, floor)
+    z_obs = (o - mean) / sd
+    z_max = ((x - mean) / sd).max(1)  # (n,)
+    z_max.sort()
+    ge = n - np.searchsorted(z_max, z_obs - 1e-10, side="left")
+    p[fam] = (1.0 + ge) / (1.0 + n)
+    return p, p_perm

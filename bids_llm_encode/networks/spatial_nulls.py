@@ -1,4 +1,5 @@
-"""Spatial nulls for surfaces: spin permutations of fsaverage maps on the sphere."""
+"""Spatial nulls: spin permutations on the fsaverage sphere (surfaces), variogram-matched
+surrogate maps (volumes, Burt et al. 2020 via brainsmash)."""
 
 from __future__ import annotations
 
@@ -147,3 +148,85 @@ class SpinNull:
             yield sl, np.moveaxis(coefs[:, idx], 0, 1), r2[idx]
 
     __call__ = blocks
+
+    def surrogates(self, values) -> np.ndarray:
+        """Spun copies ``(n_null, V)`` of one map ``values`` (V; NaN = no data): the
+        spatial null of :func:`label_atoms` (``spatial_null``)."""
+        values = np.asarray(values, float).ravel()
+        if self.perms.shape[1] != values.size:
+            raise InputDataError(f"spin null has {self.perms.shape[1]} vertices, the map "
+                                 f"{values.size}")
+        return values[self.perms]
+
+
+class VariogramNull:
+    """Variogram-matched surrogate maps of volumetric maps (Burt et al. 2020).
+
+    ``brainsmash.mapgen.Sampled`` on the voxel coordinates (mm): each surrogate permutes
+    the map, smooths it with a distance kernel over the ``knn`` nearest voxels, and is
+    rescaled so that its variogram matches the map's; with ``resample`` (default) its
+    values are the map's own values in the surrogate's rank order, so a surrogate cut at
+    the observed threshold has exactly as many voxels as the observed map. Every map gets
+    ``n_null`` surrogates from the same seed (draw i of every atom uses the same
+    permutation), which is what the max-statistic over atoms x networks needs.
+
+    ``coords``: (V x 3) coordinates of the analysed voxels, in the maps' voxel order.
+    ``surrogates(values)`` -> ``(n_null, V)``; voxels where ``values`` is NaN stay NaN.
+    Cost: about 0.2 s per surrogate for 11,000 voxels with ``knn=200`` (one core).
+    """
+
+    def __init__(self, coords, n_null: int = 100, seed: int = 0, knn: int = 200,
+                 ns: int = 500, resample: bool = True):
+        self.coords = np.asarray(coords, float)
+        if self.coords.ndim != 2 or self.coords.shape[1] != 3:
+            raise InputDataError("VariogramNull: coordinates must be (n_voxels x 3)")
+        self.n_null = int(n_null)
+        self.seed = int(seed)
+        self.knn = int(knn)
+        self.ns = int(ns)
+        self.resample = bool(resample)
+        self._tree_key = None
+        self._tree = None
+
+    @classmethod
+    def from_mask(cls, mask_img, **kwargs) -> "VariogramNull":
+        """The in-mask voxels of a NIfTI mask, in C order (the maps' voxel order)."""
+        mask = np.asarray(mask_img.dataobj) > 0
+        ijk = np.argwhere(mask)
+        xyz = ijk @ np.asarray(mask_img.affine)[:3, :3].T + np.asarray(mask_img.affine)[:3, 3]
+        return cls(xyz, **kwargs)
+
+    def _neighbours(self, keep):
+        key = keep.tobytes()
+        if self._tree_key != key:
+            from scipy.spatial import cKDTree
+
+            xyz = self.coords[keep]
+            knn = int(min(self.knn, xyz.shape[0] - 1))
+            D, idx = cKDTree(xyz).query(xyz, k=knn)
+            self._tree, self._tree_key = (D, idx.astype(np.int64), knn), key
+        return self._tree
+
+    def surrogates(self, values) -> np.ndarray:
+        import warnings
+
+        from brainsmash.mapgen.sampled import Sampled
+
+        values = np.asarray(values, float).ravel()
+        if values.size != self.coords.shape[0]:
+            raise InputDataError(f"variogram null has {self.coords.shape[0]} voxels, the map "
+                                 f"{values.size}")
+        keep = np.isfinite(values)
+        out = np.full((self.n_null, values.size), np.nan)
+        if keep.sum() < 20 or np.ptp(values[keep]) == 0:  # nothing to randomise
+            out[:, keep] = values[keep]
+            return out
+        D, idx, knn = self._neighbours(keep)
+        ns = int(min(self.ns, keep.sum()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gen = Sampled(values[keep], D, idx, ns=ns, knn=knn, resample=self.resample,
+                          seed=self.seed)
+            surr = np.atleast_2d(gen(n=self.n_null))
+        out[:, keep] = surr
+        return out

@@ -23,7 +23,9 @@ def write_group_report(settings) -> Path:
     for path in sorted(gdir.glob("task-*_networks.tsv")):
         m = GROUP_NETWORKS_RE.match(path.name)
         if m:
-            found[(m["task"], m["space"])][m["model"]] = path
+            # a task with several stimulus identities: one section each (task-<t>_stim-<s>)
+            task = m["task"] + (f"_stim-{m['stim']}" if m["stim"] else "")
+            found[(task, m["space"])][m["model"]] = path
     if not found:
         raise MissingInputError(
             f"no group results in {gdir} (task-*_space-*_model-*_networks.tsv): run the "
@@ -41,14 +43,14 @@ def _group_task_section(page, gdir, task, space, models, summary):
     head = f"task-{task}_space-{space}"
     page.open_section(head, f"task {task} · {space}", f"{task} · ceiling & models")
     ceiling = Maps.find(gdir, head, "isc", "ceiling")
-    page.h3("Noise ceiling (leave-one-participant-out ISC)")
+    page.h3("Noise ceiling (mean pairwise ISC = ceiling R2)")
     if ceiling is None:
         page.note("no noise-ceiling map (it needs at least 2 participants with equal story "
                   "lengths): skipped")
     else:
         positive_figure(page, ceiling, f"{head}_desc-ceiling_map.png",
-                        f"task {task}: ISC noise ceiling (r)",
-                        "Correlation of each participant's BOLD with the mean of the others.")
+                        f"task {task}: noise ceiling R2",
+                        "Mean correlation between participants' BOLD: the R2 a model can reach.")
     _model_comparison(page, gdir, head)
     page.close_section()
     for model, nets_path in sorted(models.items()):
@@ -77,7 +79,7 @@ def _group_model_section(page, gdir, task, space, model, nets_path, summary):
     else:
         positive_figure(page, frac, f"{stem}_desc-ceilingfraction_map.png",
                         f"{model}: R2 / noise ceiling",
-                        "Mean R2 divided by the ISC ceiling (r²), in reliable voxels only.")
+                        "Mean R2 divided by the ceiling R2, in reliable voxels only.")
     labelled_atom_maps(page, gdir, stem, table, labelled, None, None, "t",
                        "Group t-maps of the labelled atoms")
     value = "dice" if "dice" in table.columns else "fraction"

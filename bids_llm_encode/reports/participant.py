@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -78,9 +79,10 @@ def _participant_networks(func: Path, spec) -> dict[str, Path]:
     """{model: networks.tsv} of one scan; none at all is a missing required output."""
     head = f"{spec.scan_id}_space-{spec.space}"
     found = {}
-    for path in sorted(func.glob(f"{head}_model-*_networks.tsv")):
+    run = None if spec.run is None else str(spec.run)
+    for path in sorted(func.glob(f"{spec.scan_id}_*_networks.tsv")):  # maybe _stim-<label>
         m = PARTICIPANT_NETWORKS_RE.match(path.name)
-        if m:
+        if m and m["space"] == spec.space and m["run"] == run:
             found[m["model"]] = path
     if not found:
         raise MissingInputError(
@@ -90,7 +92,7 @@ def _participant_networks(func: Path, spec) -> dict[str, Path]:
 
 
 def _scan_model_section(page, out, spec, model, nets_path, z_default, summary):
-    stem = f"{spec.scan_id}_space-{spec.space}_model-{model}"
+    stem = nets_path.name[: -len("_networks.tsv")]  # with the stim- entity where there is one
     func = nets_path.parent
     table = read_networks(nets_path, ("atom", "network", "direction", "dice", "q"))
     labelled = labelled_atoms(table)
@@ -133,6 +135,15 @@ def _atoms_and_r2(page, out, spec, model, stem, r2, labelled):
 
 def _find_atoms_tsv(out: Path, spec, model: str) -> Path | None:
     folder = out / "atoms"
+    func = out / f"sub-{spec.subject}" / "func"  # the atoms file the sidecar names
+    for side in sorted(func.glob(f"{spec.scan_id}_*space-{spec.space}_model-{model}"
+                                 "_networks.json")):
+        try:
+            named = json.loads(side.read_text()).get("AtomsFile")
+        except (OSError, ValueError):
+            named = None
+        if named and (out / named).exists():
+            return out / named
     stimulus = getattr(spec, "stimulus", None) or spec.task
     stim = f"_stim-{stimulus}" if stimulus != spec.task else ""
     exact = folder / f"task-{spec.task}{stim}_model-{model}_atoms.tsv"

@@ -68,14 +68,15 @@ def matrix_and_table(page, stem, table, value, value_name):
     page.figure(f"{stem}_desc-networks_matrix.png",
                 lambda p: draw_matrix(table, value, p),
                 f"{value_name} of each atom's thresholded map with each network; "
-                f"* marks q < {Q_ALPHA} (FDR).")
+                f"* marks q < {Q_ALPHA} (q = max(p_time, p_space), both family-wise).")
     page.h3(f"Significant labels (q < {Q_ALPHA})")
     sig = table[table["q"] < Q_ALPHA].sort_values(["q", "atom_number"])
     if sig.empty:
         page.note("no significant label")
         return
     cols = [c for c in ("atom", "atlas", "network", "direction", "n_participants", "fraction",
-                        "dice", "n_voxels", "p", "q") if c in sig.columns]
+                        "dice", "enrichment", "n_voxels", "p_time", "p_space", "q")
+            if c in sig.columns]
     shown = sig[cols].copy()
     shown["atom"] = [f"atom{a:02d}" for a in sig["atom_number"]]
     page.table(shown.head(MAX_TABLE_ROWS))

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..errors import AppError
 
-Q_ALPHA = 0.05  # a label is significant when q < Q_ALPHA
+Q_ALPHA = 0.05  # a label is significant when q < Q_ALPHA (q = max(p_time, p_space), FWER)
 DIRECTIONS = ("activated", "deactivated")
 
 

@@ -1,4 +1,5 @@
-"""The participant graph: per (task, audio, TR grid, model) one stimulus branch
+"""The participant graph: per stimulus identity x model (bids_inputs.StimulusIdentity:
+audio, alignment, story TRs, onset, TR) one stimulus branch
 (extraction -> dictionary -> atoms sink) shared by every participant who heard that audio;
 per participant x scan x model an encoding -> network-labelling -> derivatives branch,
 then one report per participant (after all of its sinks)."""
@@ -10,7 +11,12 @@ from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
-from ..bids_inputs import find_scans, group_by_stimulus
+from ..bids_inputs import (
+    find_scans,
+    group_by_stimulus,
+    stimulus_labels,
+    tasks_with_several_stimuli,
+)
 from ..config import Settings
 from ..derivatives import model_label
 from ..interfaces.derivatives import WriteParticipantOutputs, WriteStimulusOutputs
@@ -19,7 +25,7 @@ from ..interfaces.encoding import FitEncoding
 from ..interfaces.extraction import ExtractResponses
 from ..interfaces.networks import LabelNetworks
 from ..interfaces.reports import ParticipantReport
-from ..timing import story_trs
+from ..outputs import atoms_file
 from .nodes import estimate_mem_gb, gather, make_node, safe_name
 
 
@@ -29,7 +35,7 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
         specs = find_scans(
             settings.bids_dir, settings.participant_label, settings.task_label,
             derivatives=settings.derivatives, space=settings.space, exclude=settings.exclude,
-            validate=not settings.skip_bids_validation,
+            validate=not settings.skip_bids_validation, trust_tr=settings.trusted_tr(),
         )
     wf = pe.Workflow(name="bids_llm_encode_wf", base_dir=str(settings.work_dir))
     out_dir = str(settings.output_dir)
@@ -38,14 +44,20 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
     cache_dir = str(Path(settings.work_dir) / "extraction_cache")
     threads = settings.node_threads()
     sinks_by_subject = defaultdict(list)  # the report of a participant waits for these
-    for key, group in group_by_stimulus(specs).items():
-        task, stimulus, tr, n_trs, audio_onset = key
+    groups = group_by_stimulus(specs)
+    labels = stimulus_labels(groups)  # short, unique within a task: node and file names
+    several = tasks_with_several_stimuli(groups)
+    for ident, group in groups.items():
+        task, tr, audio_onset, label = ident.task, ident.tr, ident.audio_onset, labels[ident]
         spec0 = group[0]
-        start, stop = story_trs(*spec0.story_window, tr, n_trs)
+        n_trs = spec0.n_trs
+        start, stop = ident.trs_start, ident.trs_stop
         mem = estimate_mem_gb(stop - start, 20000)
         for model in settings.model:
             mlabel = model_label(model)
-            stem = f"{safe_name(task)}_{safe_name(stimulus)}_{safe_name(tr)}_{mlabel}"
+            stem = f"{safe_name(task)}_{label}_{mlabel}"
+            identity = dict(ident.to_json(), Label=label, AtomsFile=atoms_file(
+                task, label, mlabel))
             common = dict(
                 alignment=spec0.alignment, audio_onset=audio_onset, tr=tr, n_trs=n_trs,
                 trs_start=start, trs_stop=stop,
@@ -53,8 +65,8 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
             extract = make_node(ExtractResponses(
                 model=model, units=settings.units, context_tokens=settings.context_tokens,
                 # FIR: the dictionary sees per-TR responses; delays are applied to the atoms.
-                hrf="none" if fir else settings.hrf, device=settings.device,
-                dtype=settings.dtype, cache_dir=cache_dir, **common,
+                hrf="none" if fir else settings.hrf, slice_time_ref=settings.slice_time_ref,
+                device=settings.device, dtype=settings.dtype, cache_dir=cache_dir, **common,
             ), f"extract_{stem}", mem["extract"], n_procs=threads)
             dictionary = make_node(LearnDictionary(
                 n_atoms=settings.n_atoms, alpha=settings.alpha_an, seed=settings.seed,
@@ -62,8 +74,8 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
             ), f"dictionary_{stem}", mem["dictionary"], n_procs=threads)
             wf.connect([(extract, dictionary, [("responses", "responses"), ("units", "units")])])
             stim_sink = make_node(WriteStimulusOutputs(
-                output_dir=out_dir, task=task, stimulus=stimulus, model=mlabel, tr=tr,
-                trs_start=start, settings=cfg,
+                output_dir=out_dir, task=task, stimulus=label, model=mlabel, tr=tr,
+                trs_start=start, settings=cfg, identity=identity,
             ), f"sink_atoms_{stem}", mem["sink"])
             wf.connect([
                 (extract, stim_sink, [("units", "units"), ("meta", "extraction_meta")]),
@@ -76,12 +88,14 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
                 if settings.units != "mlp-out" or fir:
                     baseline_src = make_node(ExtractResponses(
                         model=model, units="mlp-out", context_tokens=settings.context_tokens,
-                        hrf=settings.hrf, device=settings.device, dtype=settings.dtype,
+                        hrf=settings.hrf, slice_time_ref=settings.slice_time_ref,
+                        device=settings.device, dtype=settings.dtype,
                         cache_dir=cache_dir, **common,
                     ), f"extract_layers_{stem}", mem["extract"], n_procs=threads)
             for spec in group:
                 sink = _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary,
-                                        baseline_src, cfg, mem)
+                                        baseline_src, cfg, mem, identity,
+                                        label if task in several else None)
                 sinks_by_subject[spec.subject] += [sink, stim_sink]
     if settings.reports:
         for subject, sinks in sorted(sinks_by_subject.items()):
@@ -97,13 +111,14 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
 
 
 def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, baseline_src,
-                     cfg, mem):
+                     cfg, mem, identity, stim):
     crash_dir = Path(settings.output_dir) / f"sub-{spec.subject}" / "log"
     name = f"{safe_name(spec.scan_id)}_{mlabel}"
     nvox_mem = estimate_mem_gb(common["trs_stop"] - common["trs_start"], 1)
     encode = make_node(FitEncoding(
         bold=spec.bold, mask=spec.mask, hrf=settings.hrf, delays=settings.delays,
-        folds=settings.folds, gap_s=settings.gap_s, nuisance=settings.nuisance, **common,
+        folds=settings.folds, gap_s=settings.gap_s, nuisance=settings.nuisance,
+        slice_time_ref=settings.slice_time_ref, **common,
     ), f"encode_{name}", nvox_mem["encode"], n_procs=settings.node_threads(),
         crash_dir=crash_dir)
     wf.connect(dictionary, "atoms", encode, "atoms")
@@ -119,11 +134,13 @@ def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, base
         crash_dir=crash_dir)
     wf.connect([(dictionary, label, [("atoms", "atoms")]), (encode, label, [("maps", "maps")])])
     entities = {"sub": spec.subject, "task": spec.task, "space": spec.space, "model": mlabel}
+    if stim is not None:  # the task label is not enough: outputs.py names add stim-<label>
+        entities["stim"] = stim
     if spec.run is not None:
         entities["run"] = spec.run
     sink = make_node(WriteParticipantOutputs(
         output_dir=str(settings.output_dir), entities=entities, bold=spec.bold, mask=spec.mask,
-        settings=cfg,
+        settings=cfg, identity=identity,
     ), f"sink_{name}", 0.5, crash_dir=crash_dir)
     wf.connect([
         (encode, sink, [("maps", "maps"), ("meta", "encoding_meta"),

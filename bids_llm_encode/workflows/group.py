@@ -1,5 +1,7 @@
-"""The group graph: one summary node per (task, space, model), one model comparison per
-(task, space) when several models were run, then the group report."""
+"""The group graph: one summary node per (task, stimulus identity, space, model), one model
+comparison per (task, stimulus identity, space) when several models were run, then the group
+report. Different stimulus identities (e.g. milkyway's three audio versions) are never
+pooled."""
 
 from __future__ import annotations
 
@@ -19,22 +21,25 @@ def init_group_wf(settings: Settings, found: dict) -> pe.Workflow:
     wf = pe.Workflow(name="bids_llm_encode_group_wf", base_dir=str(settings.work_dir))
     cfg = settings.node_inputs()
     by_task = defaultdict(dict)
-    for (task, space, model), records in sorted(found.items()):
+    for (task, stim, space, model), records in sorted(found.items()):
         # every participant's story BOLD (a generous 300 TRs x 60,000 voxels) is held at
         # once, with a few copies per participant in the group null
         mem_gb = 1.0 + len(records) * 8 * 300 * 60000 * 4 / 1e9
-        by_task[(task, space)][model] = make_node(GroupSummary(
-            settings=cfg, task=task, space=space, model=model,
+        tstim = safe_name(task) + (f"_{safe_name(stim)}" if stim else "")
+        by_task[(task, stim, space)][model] = make_node(GroupSummary(
+            settings=cfg, task=task, stimulus=stim, space=space, model=model,
             networks=[r["networks"] for r in records],
-        ), f"group_{safe_name(task)}_{safe_name(space)}_{safe_name(model)}", mem_gb,
+        ), f"group_{tstim}_{safe_name(space)}_{safe_name(model)}", mem_gb,
             n_procs=settings.node_threads())
     written = []
-    for (task, space), per_model in sorted(by_task.items()):
+    for (task, stim, space), per_model in sorted(by_task.items()):
         written += [(node, "out_files") for node in per_model.values()]
         if len(per_model) > 1:
-            stem = f"{safe_name(task)}_{safe_name(space)}"
+            stem = safe_name(task) + (f"_{safe_name(stim)}" if stim else "") + \
+                f"_{safe_name(space)}"
             compare = make_node(CompareModels(output_dir=str(settings.output_dir), task=task,
-                                          space=space), f"compare_models_{stem}", 1.0)
+                                          stimulus=stim, space=space),
+                                f"compare_models_{stem}", 1.0)
             gather(wf, [(node, "summary") for node in per_model.values()], compare,
                     "summaries", f"summaries_{stem}")
             written.append((compare, "out_file"))
