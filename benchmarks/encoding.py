@@ -10,6 +10,10 @@ statistics) and 10 alphas (logspace(-2, 6, 10)):
 
 * ours     fit_encoding(..., backend="numpy"): nested 3-fold contiguous inner CV per outer
            fold, held-out R2 / r, then the all-TR inner CV + refit for coefs / alphas.
+* previous ours with the previous inner search (himalaya's random-search solver per fold;
+           ``--methods ours,previous,himalaya``): before / after of the fast search
+           (encoding/banded.py _fast_search: one SVD per fold and band weighting, then
+           rank x rank products per voxel and alpha instead of n_test x n_train ones).
 * himalaya himalaya.ridge.RidgeCV(alphas, cv=<the same inner folds>) fitted per outer fold
            and predicted on the test block, plus the same all-TR fit (what a user would
            write with himalaya directly).
@@ -159,7 +163,21 @@ def run_sklearn(X, Y):
     return np.mean(scores, axis=0), model.coef_.T
 
 
-METHODS = {"ours": run_ours, "himalaya": run_himalaya, "sklearn": run_sklearn}
+def run_previous(X, Y):
+    """fit_encoding with the previous inner search (himalaya's random-search solver for
+    every fold) instead of the fast rank-sized search: the before / after comparison."""
+    from bids_llm_encode.encoding import ridge
+
+    def himalaya_select(Xs, Yt, cv, alphas, gammas, form, batch, progress, backend_name):
+        deltas = ridge._search(Xs, Yt, cv, alphas, gammas, form, batch, progress)
+        return ridge._decode(deltas, gammas, alphas)
+
+    ridge._select = himalaya_select
+    return run_ours(X, Y)
+
+
+METHODS = {"ours": run_ours, "himalaya": run_himalaya, "sklearn": run_sklearn,
+           "previous": run_previous}
 
 
 def child(method: str, config: str, n_vox: int, out: str) -> None:
@@ -227,13 +245,16 @@ def main(argv=None) -> int:
                 for method, (r2, coefs) in got.items():
                     if method == "himalaya":
                         continue
-                    d = float(np.max(np.abs(r2 - ref_r2)))
+                    dv = np.abs(r2 - ref_r2)
+                    d = float(np.max(dv))
+                    d_sig = float(np.max(dv[: n_vox // 10]))
                     dc = float(np.max(np.abs(coefs - ref_coefs)))
                     ratio = [r for r in rows if r["config"] == config and r["method"] == method][0][
                         "wall_s"] / [r for r in rows if r["config"] == config
                                      and r["method"] == "himalaya"][0]["wall_s"]
                     print(f"{config:4s} {method:9s} time ratio vs himalaya {ratio:.2f}; "
-                          f"max|dR2| {d:.2e}; max|dcoef| {dc:.2e}; "
+                          f"max|dR2| {d:.2e} (signal voxels {d_sig:.2e}; voxels > 1e-5: "
+                          f"{int((dv > 1e-5).sum())}); max|dcoef| {dc:.2e}; "
                           f"mean R2 signal/noise {r2[: n_vox // 10].mean():.3f}/"
                           f"{r2[n_vox // 10:].mean():.3f}", flush=True)
     return 0

@@ -22,10 +22,6 @@ from .errors import InputDataError, OutputError
 
 LOGGER = logging.getLogger(__name__)
 
-# Words that cannot be used (out of time order, or beyond the end of the scan): above
-# this fraction of the story the scan is refused; below it, a console warning.
-MAX_UNUSABLE_WORD_FRACTION = 0.2
-
 
 def message(path, what: str, todo: str, row: int | None = None,
             field: str | None = None) -> str:
@@ -120,9 +116,10 @@ def check_bold_readable(paths) -> None:
 
 
 def check_word_timing(words, n_trs: int, tr: float, scan: str, alignment,
-                      max_fraction: float = MAX_UNUSABLE_WORD_FRACTION) -> dict:
+                      max_fraction: float) -> dict:
     """Words out of time order or beyond the end of the scan: a warning, or an error when
-    more than ``max_fraction`` of the words are unusable. Returns the counts."""
+    more than ``max_fraction`` (``Settings.max_unusable_words``) of the words are
+    unusable. Returns the counts."""
     onset = np.asarray(words["onset"], dtype=float)
     n = len(onset)
     backwards = int((np.diff(onset) < -1e-6).sum()) if n > 1 else 0
@@ -135,7 +132,8 @@ def check_word_timing(words, n_trs: int, tr: float, scan: str, alignment,
             f"{n_trs} TRs x {tr} s of {scan}")
     if n and bad / n > max_fraction:
         raise data_error(alignment, what + f" (over {max_fraction:.0%})",
-                         "check the alignment, the events onset and the BOLD length")
+                         "check the alignment, the events onset and the BOLD length "
+                         "(or raise --max-unusable-words)")
     LOGGER.warning("%s: %s; those words are not used", alignment, what)
     return counts
 

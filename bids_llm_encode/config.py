@@ -24,6 +24,9 @@ class Settings:
     force_version_mix: bool = False
     trust_sidecar: bool = False  # sidecar and header TR disagree: use the sidecar's
     trust_header: bool = False  # ... use the NIfTI header's pixdim[4]
+    # words out of time order or beyond the end of the scan: above this fraction of a
+    # story's words the scan is refused (65); below it, a warning (console and report)
+    max_unusable_words: float = 0.2
     # extraction
     model: list[str] = field(default_factory=lambda: ["smollm2"])
     units: str = "mlp-out"
@@ -37,6 +40,10 @@ class Settings:
     n_atoms: int | str = 64
     alpha_an: float | str | None = None
     seed: int = 0
+    # size control: N ANs drawn (seeded by seed) per model before the dictionary; None = all
+    an_subsample: int | None = None
+    # re-fit each dictionary for k in 16/32/64/128 and a second seed: atoms/*_stability.tsv
+    dictionary_stability: bool = False
     # encoding
     folds: int = 5
     gap_s: float = 10.0
@@ -61,7 +68,7 @@ class Settings:
     # another participant or with more processes finds the finished nodes cached.
     EXECUTION_ONLY = ("analysis_level", "participant_label", "work_dir", "nprocs",
                       "omp_nthreads", "mem_mb", "use_plugin", "verbose",
-                      "force_version_mix")
+                      "force_version_mix", "max_unusable_words")
 
     def node_threads(self) -> int:
         """Threads (and MultiProc slots) of each heavy node: --omp-nthreads, else all of

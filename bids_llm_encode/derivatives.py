@@ -178,6 +178,24 @@ def bids_uri(path, bids_dir) -> str:
     return path.name
 
 
+SETTINGS_PATHS = ("bids_dir", "output_dir", "work_dir", "use_plugin")
+
+
+def relative_settings(settings: dict, output_dir=None) -> dict:
+    """``settings`` (``Settings.to_json()``) with its paths relative to the derivatives
+    folder (POSIX, e.g. ``../bids``), so that sidecars and reports never show host paths."""
+    out = dict(settings)
+    root = output_dir if output_dir is not None else out.get("output_dir")
+    for key in SETTINGS_PATHS:
+        val = out.get(key)
+        if val is None or not str(val):
+            continue
+        if root is None or not Path(str(val)).is_absolute():
+            continue
+        out[key] = Path(os.path.relpath(Path(str(val)), Path(str(root)))).as_posix()
+    return out
+
+
 README_TEXT = """# bids_llm_encode derivatives
 
 Written by bids_llm_encode {version}: atoms (temporal patterns) of a language model's
@@ -272,6 +290,7 @@ def save_run_config(output_dir, level: str, settings: dict, argv=None) -> Path:
     now = datetime.datetime.now(datetime.timezone.utc)
     stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
     path = Path(output_dir) / "log" / f"config-{level}-{stamp}-{os.getpid()}.json"
+    write_citation(output_dir, settings)  # once per run level, this run's parameters
     return write_json(path, {
         "Version": __version__,
         "Time": now.isoformat(),
@@ -292,3 +311,144 @@ def software_versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+# --------------------------------------------------------------------------------------
+# methods boilerplate (CITATION.md and the reports' "Methods" section), as fMRIPrep does
+# --------------------------------------------------------------------------------------
+
+REFERENCES = {
+    "sun2024": "Sun H, Zhao L, Wu Z, et al. (2024). Brain-like functional organization "
+    "within large language models. arXiv:2410.19542",
+    "nastase2021": "Nastase SA, Liu Y-F, Hillman H, et al. (2021). The \"Narratives\" fMRI "
+    "dataset for evaluating models of naturalistic language comprehension. Scientific Data "
+    "8, 250. doi:10.1038/s41597-021-01033-3",
+    "smollm2": "Ben Allal L, Lozhkov A, Bakouch E, et al. (2025). SmolLM2: when Smol goes "
+    "big - data-centric training of a small language model. arXiv:2502.02737",
+    "minilm": "Wang W, Wei F, Dong L, et al. (2020). MiniLM: deep self-attention "
+    "distillation for task-agnostic compression of pre-trained transformers. NeurIPS 2020 "
+    "(sentence-transformers/all-MiniLM-L6-v2: Reimers N, Gurevych I (2019). Sentence-BERT. "
+    "EMNLP 2019).",
+    "himalaya": "Dupre la Tour T, Eickenberg M, Nunez-Elizalde AO, Gallant JL (2022). "
+    "Feature-space selection with banded ridge regression. NeuroImage 264, 119728. "
+    "doi:10.1016/j.neuroimage.2022.119728",
+    "nilearn": "Abraham A, Pedregosa F, Eickenberg M, et al. (2014). Machine learning for "
+    "neuroimaging with scikit-learn. Frontiers in Neuroinformatics 8, 14 (nilearn). "
+    "doi:10.3389/fninf.2014.00014",
+    "pybids": "Yarkoni T, Markiewicz CJ, de la Vega A, et al. (2019). PyBIDS: Python tools "
+    "for BIDS datasets. Journal of Open Source Software 4(40), 1294. "
+    "doi:10.21105/joss.01294",
+    "nipype": "Gorgolewski K, Burns CD, Madison C, et al. (2011). Nipype: a flexible, "
+    "lightweight and extensible neuroimaging data processing framework in Python. Frontiers "
+    "in Neuroinformatics 5, 13. doi:10.3389/fninf.2011.00013",
+    "schaefer2018": "Schaefer A, Kong R, Gordon EM, et al. (2018). Local-global parcellation "
+    "of the human cerebral cortex from intrinsic functional connectivity MRI. Cerebral "
+    "Cortex 28(9), 3095-3114. doi:10.1093/cercor/bhx179",
+    "kong2019": "Kong R, Li J, Orban C, et al. (2019). Spatial topography of "
+    "individual-specific cortical networks predicts human cognition, personality, and "
+    "emotion. Cerebral Cortex 29(6), 2533-2551. doi:10.1093/cercor/bhy123",
+    "seitzman2018": "Seitzman BA, Gratton C, Marek S, et al. (2020). A set of "
+    "functionally-defined brain regions with improved representation of the subcortex and "
+    "cerebellum. NeuroImage 206, 116290. doi:10.1016/j.neuroimage.2019.116290",
+    "nct2024": "Kong R, Spreng RN, Xue A, et al. (2024). A network correspondence toolbox "
+    "for quantitative evaluation of novel neuroimaging results. bioRxiv (Nature "
+    "Communications, 2025).",
+    "brainsmash": "Burt JB, Helmer M, Shinn M, Anticevic A, Murray JD (2020). Generative "
+    "modeling of brain maps with spatial autocorrelation. NeuroImage 220, 117038. "
+    "doi:10.1016/j.neuroimage.2020.117038",
+    "templateflow": "Ciric R, Thompson WH, Lorenz R, et al. (2022). TemplateFlow: "
+    "FAIR-sharing of multi-scale, multi-species brain models. Nature Methods 19, "
+    "1568-1571. doi:10.1038/s41592-022-01681-2",
+}
+
+
+def _atlas_refs(atlas: str) -> list[str]:
+    name = str(atlas).lower()
+    if name.startswith("kong2019") or name == "schaefer400kong17":
+        return ["schaefer2018", "kong2019", "nct2024"]  # bundled via the NCT toolbox data
+    if name.startswith("schaefer2018"):
+        return ["schaefer2018", "templateflow"]
+    if name.startswith("seitzman"):
+        return ["seitzman2018"]
+    if name.startswith("nct:"):
+        return ["nct2024"]
+    return []
+
+
+def methods_paragraphs(settings: dict) -> tuple[list[str], list[str]]:
+    """The methods text of a run with its actual parameters (``Settings.to_json()``):
+    (paragraphs, references), shared by ``CITATION.md`` and the reports. No host paths."""
+    s = dict(settings)
+    get = s.get
+    versions = software_versions()
+    models = [model_label(m) if ("/" in str(m) or os.sep in str(m)) else str(m)
+              for m in (get("model") or ["smollm2"])]
+    atlases = [a if ("/" not in str(a) and os.sep not in str(a)) else Path(str(a)).name
+               for a in (get("fbn_atlas") or [])]
+    refs = ["sun2024", "nastase2021"]
+    refs += [m for m in models if m in REFERENCES]
+    refs += ["himalaya", "nilearn", "pybids", "nipype"]
+    for atlas in atlases:
+        refs += _atlas_refs(atlas)
+    null = get("null") or "shift"
+    if null == "shift" and str(get("space", "")) != "fsaverage6":
+        refs.append("brainsmash")  # variogram-matched spatial surrogates on volumes
+    refs = list(dict.fromkeys(refs))
+    n_atoms = get("n_atoms")
+    n_atoms_text = ("chosen automatically (held-out reconstruction error and seed "
+                    "stability)" if str(n_atoms) == "auto" else str(n_atoms))
+    alpha = get("alpha_an")
+    alpha_text = ("chosen automatically" if alpha in (None, "auto") else str(alpha))
+    delays = get("delays")
+    hrf = (f"an FIR model with delays {', '.join(str(d) for d in delays)} TRs" if delays
+           else f"the {get('hrf') or 'glover'} haemodynamic response function")
+    paras = [
+        f"Results were produced with bids_llm_encode {__version__} (nipype "
+        f"{versions.get('nipype', 'n/a')}, pybids {versions.get('pybids', 'n/a')}, nilearn "
+        f"{versions.get('nilearn', 'n/a')}, himalaya {versions.get('himalaya', 'n/a')}, "
+        f"torch {versions.get('torch', 'n/a')}), which implements the method of Sun et al. "
+        "(2024) for BIDS datasets such as Narratives (Nastase et al., 2021). BOLD series "
+        f"were read from the `{get('derivatives')}` derivatives in space "
+        f"`{get('space')}` with pybids; participants flagged for exclusion were "
+        f"{'left out' if get('exclude', True) else 'kept'}.",
+        f"Each story's word-aligned transcript was read by the language model(s) "
+        f"{', '.join(models)} with up to {get('context_tokens')} tokens of causal context; "
+        f"the responses of every artificial neuron ({get('units')} units) were averaged over "
+        f"each word's tokens and over the words of each TR, then convolved with {hrf} "
+        f"(slice-time reference {get('slice_time_ref')} of the TR).",
+        f"A sparse dictionary of {n_atoms_text} atoms (sparsity penalty {alpha_text}, seed "
+        f"{get('seed')}) summarised the artificial neurons' time courses into atoms: "
+        "representative temporal patterns.",
+        "Voxel-wise encoding models predicted each participant's BOLD from the atoms with "
+        "banded ridge regression (himalaya; Dupre la Tour et al., 2022) in "
+        f"{get('folds')} contiguous, time-blocked folds separated by {get('gap_s')} s, "
+        "penalties chosen by nested cross-validation"
+        f"{', with a nuisance band (word rate, silence, atom energy)' if get('nuisance', True) else ''}"
+        f"{'' if get('baseline', 'none') == 'none' else ', and a layer-wise embedding baseline'}"
+        "; all reported R2 values are held-out.",
+        "Atom coefficient maps were thresholded at |z| >= "
+        f"{get('map_threshold')} and compared with the functional brain networks of "
+        f"{', '.join(atlases) or 'the given atlases'} by Dice overlap; significance came "
+        f"from {get('n_null')} {'circular time shifts of the BOLD against the atoms, refitted' if null == 'shift' else 'spins on the sphere'}"
+        f"{', and variogram-matched spatial surrogates (brainsmash; Burt et al., 2020)' if 'brainsmash' in refs else ''}"
+        ", family-wise over atoms, directions, atlases and networks. Images were handled "
+        "with nilearn and the workflow was run with nipype.",
+        "This text was generated automatically with the run's parameters, under the CC0 "
+        "license: you may copy it into your manuscript unchanged.",
+    ]
+    return paras, [REFERENCES[r] for r in refs]
+
+
+def citation_markdown(settings: dict) -> str:
+    paras, refs = methods_paragraphs(settings)
+    lines = ["# Methods", ""]
+    for p in paras:
+        lines += [p, ""]
+    lines += ["## References", ""]
+    lines += [f"{i}. {r}" for i, r in enumerate(refs, 1)]
+    return "\n".join(lines) + "\n"
+
+
+def write_citation(output_dir, settings: dict) -> Path:
+    """``CITATION.md`` in the derivatives: the methods text of this run and references."""
+    return write_text(Path(output_dir) / "CITATION.md", citation_markdown(settings))

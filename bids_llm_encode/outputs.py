@@ -18,6 +18,7 @@ from .derivatives import (
     atomic_path,
     bids_name,
     bids_uri,
+    relative_settings,
     software_versions,
     write_image,
     write_json,
@@ -67,6 +68,9 @@ def write_stimulus_outputs(output_dir, task, stimulus, model, tr, trs_start, ato
     written = [write_tsv(out / f"{prefix}_atoms.tsv", table)]
     dmeta = json.loads(Path(dict_meta).read_text())
     emeta = json.loads(Path(extract_meta).read_text())
+    stability = dmeta.pop("stability", None)  # --dictionary-stability: re-fits vs this fit
+    if stability is not None:
+        written.append(write_tsv(out / f"{prefix}_stability.tsv", pd.DataFrame(stability)))
     written.append(write_json(out / f"{prefix}_atoms.json", {
         "Description": "Atoms (representative temporal patterns) of the model's artificial "
         "neurons on the story's TRs: columns are unit-norm atoms; onset is scan time (s).",
@@ -74,7 +78,7 @@ def write_stimulus_outputs(output_dir, task, stimulus, model, tr, trs_start, ato
         "StimulusIdentity": identity or None,
         "Dictionary": dmeta,
         "Extraction": emeta,
-        "Settings": settings,
+        "Settings": relative_settings(settings, output_dir),
         "SoftwareVersions": software_versions(),
     }))
     for src, suffix in ((loadings_npz, "loadings.npz"), (subgroups_tsv, "subgroups.tsv"),
@@ -142,7 +146,8 @@ def write_participant_outputs(output_dir, entities, bold, mask, maps, encoding_m
         "Model": ent["model"], "Units": settings.get("units"),
         "NumberOfAtoms": int(enc["coefs"].shape[0]),
         "DictionaryAlpha": dictionary_meta.get("alpha"),
-        "Encoding": encoding_meta, "Settings": settings,
+        "Encoding": encoding_meta,
+        "Settings": relative_settings(settings, output_dir),  # no host paths (relative)
         "SoftwareVersions": software_versions(),
         "Sources": [bids_uri(b, settings["bids_dir"]) if settings.get("bids_dir")
                     else Path(b).name for b in bold],

@@ -72,6 +72,17 @@ class Planted:
         return cls(m.group(1), 1 if m.group(2) == "+" else -1)
 
 
+def _parse_layers(text: str | None, last_layer: int) -> tuple[int, int] | None:
+    """``LO:HI`` (inclusive, 0-based layers of the model) -> (LO, HI); None for None."""
+    if text is None or str(text).strip() == "":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not m or int(m.group(1)) > int(m.group(2)) or int(m.group(2)) > last_layer:
+        raise UsageError(f"--planted-layers {text!r} must be LO:HI with 0 <= LO <= HI <= "
+                         f"{last_layer} (the model's last layer)")
+    return int(m.group(1)), int(m.group(2))
+
+
 # --------------------------------------------------------------------------- the story
 def shipped_story_words() -> list[str]:
     text = resources.files("bids_llm_encode.data").joinpath("story.txt").read_text()
@@ -222,6 +233,7 @@ def _simulate_into(
     atlas: str = DEFAULT_SIM_ATLAS,
     global_amp: float = 0.0,
     noise_fwhm: float = DEFAULT_NOISE_FWHM_MM,
+    planted_layers: str | None = None,
 ) -> dict:
     """Write the dataset and return the ground truth (also in sourcedata/ground_truth.json)."""
     import nibabel as nib
@@ -288,14 +300,20 @@ def _simulate_into(
         atlas_obj = load_atlas(atlas, mask_img, mask_img)
         atlas_labels, atlas_names = atlas_obj.labels, atlas_obj.names
     names = {v: k for k, v in atlas_names.items()}
+    layer_range = _parse_layers(planted_layers, an_table["layer"].max())
     truth_nets = []
-    for p in plants:
+    for i_net, p in enumerate(plants):
         if p.network not in names:
             raise UsageError(
                 f"--planted network {p.network!r} is not in the {atlas} atlas; "
                 f"choose from {', '.join(sorted(names))}"
             )
-        idx = np.sort(rng.choice(varying, size=min(subgroup_size, len(varying)), replace=False))
+        # --planted-layers: the first planted network's ANs come from that layer range only
+        ranged = layer_range is not None and i_net == 0
+        pool = varying[np.isin(an_table["layer"].to_numpy()[varying],
+                               np.arange(layer_range[0], layer_range[1] + 1))] \
+            if ranged else varying
+        idx = np.sort(rng.choice(pool, size=min(subgroup_size, len(pool)), replace=False))
         signal = zscore(X[:, idx].mean(1))
         voxels = atlas_labels == names[p.network]
         truth_nets.append(
@@ -304,6 +322,7 @@ def _simulate_into(
                 sign=p.sign,
                 an_indices=idx.tolist(),
                 an_ids=an_table["an_id"].iloc[idx].tolist(),
+                layers=list(layer_range) if ranged else None,
                 n_voxels=int(voxels.sum()),
                 signal=np.round(signal, 5).tolist(),
                 _voxels=voxels,
@@ -411,6 +430,7 @@ def _simulate_into(
                   "in time, scaled to unit variance per voxel"},
         "global": ({k: v for k, v in global_truth.items() if not k.startswith("_")}
                    if global_truth is not None else None),
+        "planted_layers": list(layer_range) if layer_range is not None else None,
         "participants": subjects,
         "amplitudes": amplitudes,
         "networks": [{k: v for k, v in n.items() if not k.startswith("_")} for n in truth_nets],

@@ -125,6 +125,10 @@ def _input(parser: argparse.ArgumentParser, action: argparse.Action) -> dict:
             default = _jsonable(default)
             if item.get("list") and not isinstance(default, list):
                 default = [default]
+            if btype == "String":  # e.g. --n-atoms K|auto: default 64 given as "64", or
+                # `bosh exec` rejects every invocation that leaves it out (issue 16)
+                default = ([str(v) for v in default] if isinstance(default, list)
+                           else str(default))
             item["default-value"] = default
     return item
 

@@ -49,6 +49,24 @@ def test_both_label_spellings_parse():
     assert a.participant_label == ["sub-01", "02"] and b.participant_label == ["01", "02"]
 
 
+def test_participant_labels_from_a_file(tmp_path, capsys):
+    """--participant-label @FILE or a .txt path: labels split on white space, # comments,
+    mixed with labels given inline; a missing or empty file is a usage error (exit 64)."""
+    listing = tmp_path / "subjects.txt"
+    listing.write_text("sub-001 002\n# left out: 003\n\n004  # trailing comment\n")
+    p = build_parser()
+    a = p.parse_args(["b", "o", "participant", "--participant-label", f"@{listing}"])
+    b = p.parse_args(["b", "o", "participant", "--participant-label", "009", str(listing)])
+    assert a.participant_label == ["sub-001", "002", "004"]
+    assert b.participant_label == ["009", "sub-001", "002", "004"]
+    (tmp_path / "empty.txt").write_text("# nobody\n")
+    for bad, says in ((f"@{tmp_path / 'none.txt'}", "cannot read"),
+                      (str(tmp_path / "empty.txt"), "holds no label")):
+        with pytest.raises(SystemExit) as exc:
+            p.parse_args(["b", "o", "participant", "--participant-label", bad])
+        assert exc.value.code == 64 and says in capsys.readouterr().err
+
+
 def test_unknown_level_exits_17(tmp_path, capsys):
     assert main([str(tmp_path), str(tmp_path / "out"), "subject"]) == 17
     assert "unknown analysis level" in capsys.readouterr().err

@@ -317,6 +317,35 @@ def test_descriptor_command_line_parses(tmp_path):
     assert args.model == ["smollm2"] and args.n_null == 1000
 
 
+def test_bosh_exec_with_defaults_only(tmp_path):
+    """Invocations that give only the required inputs (issue 16: n_atoms was a String with
+    an integer default, so `bosh exec` refused them): `simulate` gives the parser's own
+    defaults; `launch --no-container` runs the app, which answers with its own exit code."""
+    pytest.importorskip("boutiques", reason="boutiques not installed (pip install boutiques)")
+    from boutiques import bosh
+
+    desc = json.loads(DESCRIPTOR.read_text())
+    for item in desc["inputs"]:  # every default has the input's type
+        if "default-value" in item:
+            values = item["default-value"] if item.get("list") else [item["default-value"]]
+            kind = {"String": str, "Number": (int, float), "File": str}[item["type"]]
+            assert all(isinstance(v, kind) for v in values), item["id"]
+    (tmp_path / "bids").mkdir()
+    inv = tmp_path / "invocation.json"
+    inv.write_text(json.dumps({"bids_dir": str(tmp_path / "bids"),
+                               "output_dir": str(tmp_path / "out"),
+                               "analysis_level": ["participant"]}))
+    out = bosh(["exec", "simulate", str(DESCRIPTOR), "-i", str(inv)])
+    args = build_parser().parse_args(shlex.split(out.shell_command)[1:])
+    defaults = build_parser().parse_args([str(tmp_path / "bids"), str(tmp_path / "out"),
+                                          "participant"])
+    assert vars(args) == vars(defaults) and args.n_atoms == 64
+    run = bosh(["exec", "launch", "--no-container", str(DESCRIPTOR), str(inv)])
+    # the app itself ran: no dataset_description.json -> its BIDS-validation exit code
+    assert run.exit_code == 16, (run.exit_code, run.stderr)
+    assert "bids_llm_encode: error:" in run.stderr and "dataset_description" in run.stderr
+
+
 # ---------------------------------------------------------------- smoke script, docs
 
 def test_smoke_script_shape():

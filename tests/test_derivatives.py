@@ -279,3 +279,44 @@ def test_validator_passes_our_derivatives_and_sees_unignored_files(tiny_derivati
     flagged = errors_of(validator_issues(out))
     where = " ".join(str(loc) for _, loc in flagged)
     assert "statmap" in where and "/atoms/" in where and "/log/" in where, flagged
+
+
+def test_sidecars_hold_settings_paths_relative_to_the_derivatives(tiny_derivatives):
+    """Settings embedded in the stat-map sidecars carry no host path (issue 16 F)."""
+    out, _ = tiny_derivatives
+    for side in (out / f"sub-{SUB}" / "func").glob("*_statmap.json"):
+        meta = json.loads(side.read_text())
+        assert meta["Settings"]["bids_dir"] == "../bids", side.name
+        assert str(out.parent) not in side.read_text(), side.name
+    rel = derivatives.relative_settings(
+        {"bids_dir": "/data/ds", "output_dir": "/data/ds/derivatives/x", "work_dir": "/w",
+         "use_plugin": None, "n_atoms": 3})
+    assert rel == {"bids_dir": "../..", "output_dir": ".", "work_dir": "../../../../w",
+                   "use_plugin": None, "n_atoms": 3}
+
+
+def test_citation_written_once_per_level_with_the_run_parameters(tmp_path):
+    """CITATION.md: the methods text with this run's parameters and the references."""
+    from bids_llm_encode import __version__
+    from bids_llm_encode.config import Settings
+
+    settings = Settings(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out",
+                        analysis_level=["participant"], model=["smollm2", "minilm"],
+                        n_atoms=17, folds=3, gap_s=12.5, n_null=321,
+                        fbn_atlas=["kong2019", "seitzman2018"]).to_json()
+    derivatives.save_run_config(tmp_path / "out", "participant", settings, argv=["x"])
+    text = (tmp_path / "out" / "CITATION.md").read_text()
+    for part in (f"bids_llm_encode {__version__}", "17 atoms", "3 contiguous",
+                 "separated by 12.5 s", "321 circular time shifts", "smollm2, minilm",
+                 "kong2019, seitzman2018", "## References"):
+        assert part in text, part
+    refs = text.split("## References")[1]
+    for author in ("Sun H", "Nastase SA", "Ben Allal L", "Wang W", "Dupre la Tour T",
+                   "Abraham A", "Yarkoni T", "Gorgolewski K", "Schaefer A", "Kong R, Li J",
+                   "Seitzman BA", "Kong R, Spreng RN", "Burt JB"):
+        assert author in refs, author
+    assert "Ciric R" not in refs  # TemplateFlow only when a Schaefer atlas is used
+    assert str(tmp_path) not in text
+    # the next level rewrites it with its own parameters
+    derivatives.save_run_config(tmp_path / "out", "group", dict(settings, n_atoms="auto"))
+    assert "17 atoms" not in (tmp_path / "out" / "CITATION.md").read_text()

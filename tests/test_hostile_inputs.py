@@ -20,6 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
 
 from bids_llm_encode.cli.run import main
 
@@ -185,12 +192,34 @@ def test_words_beyond_scan_warn_then_fail(ds, tmp_path, caplog):
     end = spec.n_trs * spec.tr
     words = spec.words.copy()
     words.loc[words.index[-3:], "onset"] = end + 5.0  # 3 words beyond the scan
-    counts = checks.check_word_timing(words, spec.n_trs, spec.tr, spec.scan_id, "align.json")
+    counts = checks.check_word_timing(words, spec.n_trs, spec.tr, spec.scan_id, "align.json",
+                                      0.2)
     assert counts["n_words_outside_scan"] == 3 and counts["n_words_out_of_order"] == 0
     assert "3 lie outside" in caplog.text
+    # the limit is a setting: 3 words of the story is over a limit below 3/n
+    limit = 2.5 / len(words)
+    with pytest.raises(checks.InputDataError, match="3 lie outside.*--max-unusable-words"):
+        checks.check_word_timing(words, spec.n_trs, spec.tr, spec.scan_id, "align.json", limit)
     words["onset"] = words["onset"] + end  # every word after the end of the scan
     with pytest.raises(checks.InputDataError, match=f"{len(words)} lie outside"):
-        checks.check_word_timing(words, spec.n_trs, spec.tr, spec.scan_id, "align.json")
+        checks.check_word_timing(words, spec.n_trs, spec.tr, spec.scan_id, "align.json", 0.2)
+    counts = checks.check_word_timing(words, spec.n_trs, spec.tr, spec.scan_id, "align.json",
+                                      1.0)  # allowed: a warning only
+    assert counts["n_words_outside_scan"] == len(words)
+
+
+def test_max_unusable_words_option(tmp_path, capsys):
+    """--max-unusable-words reaches Settings (default from Settings); outside [0, 1]: 64."""
+    from bids_llm_encode.cli.parser import build_parser
+    from bids_llm_encode.config import Settings
+
+    p = build_parser()
+    base = [str(tmp_path), str(tmp_path / "out"), "participant"]
+    assert p.parse_args(base).max_unusable_words == Settings.default("max_unusable_words")
+    assert p.parse_args(base + ["--max-unusable-words", "0.05"]).max_unusable_words == 0.05
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args(base + ["--max-unusable-words", "1.5"])
+    assert exc.value.code == 64 and "from 0 to 1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- group level
@@ -256,6 +285,118 @@ def test_old_crash_files_archived_not_reported(tmp_path):
     assert moved == [log / "old" / old.name] and not old.exists()
     assert (log / "old" / old.name).read_text() == "old failure"
     assert archive_old_crashes(tmp_path / "out") == []  # archived ones stay put
+
+
+def _crash(folder: Path, node: str, work: Path) -> Path:
+    path = folder / f"crash-20260101-000000-root-{node}-00000000-0000-0000-0000-000000000000.txt"
+    path.write_text(f"Node: bids_llm_encode_wf.{node}\nWorking directory: "
+                    f"{work / 'bids_llm_encode_wf' / node}\n\nTraceback ...\n")
+    return path
+
+
+def test_crash_archiving_leaves_a_concurrent_runs_crashes(tmp_path):
+    """Two runs with different -w into one output folder: the one starting archives the
+    earlier runs' crash files, not those of the run still going on (its work lock held)."""
+    from bids_llm_encode.cli.workflow import LOCK_NAME, archive_old_crashes, work_lock
+
+    out, ours, other, gone = tmp_path / "out", tmp_path / "w1", tmp_path / "w2", tmp_path / "w3"
+    log = out / "log"
+    log.mkdir(parents=True)
+    for w in (ours, other, gone):
+        w.mkdir()
+        (w / LOCK_NAME).write_text("")  # every run leaves its lock file behind
+    mine = _crash(log, "encode_a", ours)
+    theirs = _crash(log, "encode_b", other)
+    finished = _crash(log, "encode_c", gone)  # a run on another -w that has ended
+    unknown = log / "crash-20260101-000000-root-x-1.txt"
+    unknown.write_text("no working directory line")
+    fd = os.open(other / LOCK_NAME, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other run is going on
+    try:
+        with work_lock(ours):
+            moved = archive_old_crashes(out, ours)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert sorted(p.name for p in moved) == sorted(p.name for p in (mine, finished, unknown))
+    assert theirs.exists() and not mine.exists() and not finished.exists()
+    # once the other run has finished, its crash files are old too
+    assert archive_old_crashes(out, ours) == [log / "old" / theirs.name]
+
+
+class _WriteOut(SimpleInterface):
+    """Writes ``out_dir/name`` (and counts its runs in ``out_dir/runs``)."""
+
+    class input_spec(BaseInterfaceInputSpec):  # noqa: N801
+        out_dir = traits.Str(mandatory=True)
+        name = traits.Str(mandatory=True)
+
+    class output_spec(TraitedSpec):  # noqa: N801
+        out_files = OutputMultiObject(traits.Str)
+
+    def _run_interface(self, runtime):
+        folder = Path(self.inputs.out_dir)
+        (folder / self.inputs.name).write_text("x")
+        runs = folder / "runs"
+        runs.write_text(str(int(runs.read_text() if runs.exists() else 0) + 1))
+        self._results["out_files"] = [str(folder / self.inputs.name)]
+        return runtime
+
+
+def test_cached_node_with_missing_output_reruns(tmp_path):
+    """A cached (not always_run) node, e.g. the group summary: a rerun reruns it when a
+    file under output_dir that it wrote is gone, and only then."""
+    from nipype.pipeline import engine as pe
+
+    from bids_llm_encode.cli.workflow import rerun_if_outputs_missing
+
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    out.mkdir()
+    scratch.mkdir()
+
+    def build():
+        wf = pe.Workflow("wf", base_dir=str(tmp_path / "work"))
+        wf.add_nodes([pe.Node(_WriteOut(out_dir=str(out), name="group.tsv"), name="summary"),
+                      pe.Node(_WriteOut(out_dir=str(scratch), name="tmp.txt"), name="other")])
+        return wf
+
+    wf = build()
+    assert rerun_if_outputs_missing(wf, out) == []  # never run: nipype decides
+    wf.run()
+    assert (out / "runs").read_text() == "1"
+    wf = build()
+    assert rerun_if_outputs_missing(wf, out) == []  # all there: cached
+    wf.run()
+    assert (out / "runs").read_text() == "1"
+    (out / "group.tsv").unlink()
+    (scratch / "tmp.txt").unlink()  # not under output_dir: not our business
+    wf = build()
+    assert rerun_if_outputs_missing(wf, out) == ["summary"]
+    wf.run()
+    assert (out / "group.tsv").exists() and (out / "runs").read_text() == "2"
+    assert (scratch / "runs").read_text() == "1"
+
+
+def test_word_timing_warning_in_participant_report(tmp_path):
+    """Words beyond the scan (extraction sidecar in atoms/*_atoms.json): a warning box."""
+    from bids_llm_encode.reports.page import Page
+    from bids_llm_encode.reports.participant import _word_timing_warning
+
+    tsv = tmp_path / "task-pieman_model-smollm2_atoms.tsv"
+    tsv.write_text("onset\tatom01\n0\t1\n")
+    extraction = {"n_words": 1000, "n_words_outside_scan": 101, "n_trs": 236, "tr": 1.5}
+    (tmp_path / "task-pieman_model-smollm2_atoms.json").write_text(
+        json.dumps({"Extraction": extraction}))
+    page = Page(tmp_path, tmp_path / "figures", "t")
+    _word_timing_warning(page, tsv)
+    html = "".join(page.parts)
+    assert "word-timing" in html and "101 of 1000 words lie outside the scan (236 TRs" in html
+    extraction["n_words_outside_scan"] = 0
+    (tmp_path / "task-pieman_model-smollm2_atoms.json").write_text(
+        json.dumps({"Extraction": extraction}))
+    page = Page(tmp_path, tmp_path / "figures", "t")
+    _word_timing_warning(page, tsv)
+    assert not page.parts  # nothing to say: no box
 
 
 def test_sinks_and_reports_always_rerun():

@@ -224,6 +224,50 @@ def _screenshot(exe: str, page: Path, tmp_path: Path) -> np.ndarray:
     return mpimg.imread(shot)
 
 
+_OVERFLOW_JS = """<script>
+window.addEventListener("load", function () {
+  var width = document.documentElement.clientWidth, bad = [];
+  document.querySelectorAll("body *").forEach(function (el) {
+    var r = el.getBoundingClientRect();
+    if (r.width > 0 && r.right > width + 1) bad.push(el.tagName + " right " + r.right);
+    if (el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1 &&
+        getComputedStyle(el).overflowX === "visible")
+      bad.push(el.tagName + "." + el.className + " " + el.scrollWidth + ">" + el.clientWidth);
+  });
+  var imgs = Array.prototype.map.call(document.images, function (i) {
+    return [i.getAttribute("src"), i.complete && i.naturalWidth > 0, i.clientWidth]; });
+  var out = document.createElement("pre");
+  out.id = "layout-check";
+  out.textContent = JSON.stringify({scrollWidth: document.documentElement.scrollWidth,
+                                    width: width, bad: bad, images: imgs});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _layout(exe: str, page: Path, tmp_path: Path) -> dict:
+    """Render a copy of ``page`` (same folder, so its figures resolve) with a measuring
+    script added (the report itself has none) in headless Chromium; --dump-dom returns
+    what the script found: page width vs window, overflowing elements, images loaded."""
+    probe = page.with_name(f"_probe_{page.name}")
+    probe.write_text(page.read_text().replace("</body>", _OVERFLOW_JS + "</body>"))
+    try:
+        proc = subprocess.run(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-dom'}",
+             "--window-size=1200,2000", "--virtual-time-budget=10000", "--dump-dom",
+             probe.resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    finally:
+        probe.unlink()
+    import html as html_mod
+    import re
+
+    m = re.search(r'<pre id="layout-check">(.*?)</pre>', proc.stdout, re.S)
+    assert m, f"no layout result (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    return json.loads(html_mod.unescape(m.group(1)))
+
+
 # ------------------------------------------------------------------ tests
 
 @pytest.mark.slow
@@ -263,6 +307,12 @@ def test_reports_render(derivatives, chromium, tmp_path):
     assert "fraction_atoms_labelled" in gtext and "no ceiling-fraction map" in gtext
 
     for page in (pages[0], group):
+        # every figure loaded and shown; nothing wider than the 1200 px window
+        layout = _layout(chromium, page, tmp_path)
+        assert layout["images"] and all(ok and w > 100 for _, ok, w in layout["images"]), \
+            layout["images"]
+        assert layout["scrollWidth"] <= layout["width"], layout
+        assert not layout["bad"], layout["bad"][:10]
         img = _screenshot(chromium, page, tmp_path)
         gray = img[..., :3].mean(-1)
         assert img.shape[0] >= 1000 and img.shape[1] >= 1000
@@ -315,3 +365,62 @@ def test_page_embeds_the_style_sheet(tmp_path):
     assert CSS_PATH.read_text() in html
     assert "<title>a &lt;title&gt;</title>" in html
     assert '<a href="#s1">s1</a>' in html and '<td class="num">0.5</td>' in html
+
+
+def test_methods_errors_and_no_host_paths(derivatives, tmp_path):
+    """Both reports carry the methods text (the run's parameters, references) and an
+    errors section listing this run's crash files only; no absolute host path anywhere."""
+    settings, specs = derivatives
+    out = settings.output_dir
+    log = out / "sub-001" / "log"
+    log.mkdir(parents=True)
+    (log / "crash-20260101-000000-u-encode_x-0000.txt").write_text(
+        f"Node: encode_x\nTraceback:\n  File \"{tmp_path}/secret/x.py\"\nValueError: boom\n")
+    (log / "old").mkdir()
+    (log / "old" / "crash-20250101-000000-u-earlier-0000.txt").write_text("old\n")
+    page = reports.write_participant_reports(settings, specs[:1])[0]
+    group = reports.write_group_report(settings)
+    sub = page.read_text()
+    assert '<section id="errors">' in sub and "sub-001/log/crash-20260101" in sub
+    assert "ValueError: boom" in sub and "earlier" not in sub
+    assert '<section id="errors">' not in group.read_text()  # no crash in out/log
+    for text in (sub, group.read_text()):
+        assert '<section id="methods">' in text and "Dupre la Tour" in text
+        assert f"{settings.n_null} circular time shifts" in text and "Nastase SA" in text
+        assert str(tmp_path) not in text and str(out) not in text
+        assert "<td>../bids</td>" in text  # settings shown relative to the derivatives
+
+
+def test_positive_maps_drop_negatives_and_clip_the_ceiling_fraction(derivatives):
+    """R2 below 0 is not drawn; the ceiling fraction is clipped to [0, 1] and says so."""
+    values = np.array([-3.0, -0.1, 0.0, 0.2, 0.9, 52.0, np.nan])
+    assert figures.positive_values(values).tolist() == [0, 0, 0, 0.2, 0.9, 52.0, 0]
+    assert figures.positive_values(values, (0, 1)).tolist() == [0, 0, 0, 0.2, 0.9, 1.0, 0]
+    assert figures.positive_threshold(values, (0, 1)) == (0.1, 1.0)
+    settings, _ = derivatives
+    g = settings.output_dir / "group"
+    stem = f"task-pieman_space-{MNI}_model-smollm2"
+    frac = 0.5 * _blob((3, 4, 5), 3)
+    frac[0, 0, 0], frac[1, 1, 1], frac[2, 2, 2] = -2200.0, 52.0, 1.5
+    _nifti(g / f"{stem}_stat-r2_desc-ceilingfraction_statmap.nii.gz", frac)
+    text = reports.write_group_report(settings).read_text()
+    assert "Clipped to [0, 1]: 2 values above 1, 1 below 0." in text
+    assert "values &lt;= 0 are not drawn" in text and "Drawn: values &gt; 0.1 " in text
+
+
+def test_colour_bar_ticks_do_not_crowd():
+    """tidy_colorbar: 5 distinct, evenly spaced labels (no threshold ticks near 0)."""
+    import nibabel as nib
+    from nilearn import plotting
+
+    plt = figures.pyplot()
+    img = nib.Nifti1Image(np.clip(0.3 * _blob((5, 6, 5), 3), 0, None).astype(np.float32),
+                          AFFINE)
+    display = plotting.plot_glass_brain(img, threshold=0.03, vmax=0.3, colorbar=True,
+                                        plot_abs=False, cmap="hot", symmetric_cbar=False)
+    figures.tidy_colorbar(display, 0.0, 0.3)
+    labels = [t.get_text() for t in display._cbar.ax.get_yticklabels()]
+    ticks = display._cbar.get_ticks()
+    plt.close("all")
+    assert labels == ["0", "0.075", "0.15", "0.22", "0.3"]
+    assert np.allclose(np.diff(ticks), 0.075)

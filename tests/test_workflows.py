@@ -84,6 +84,17 @@ def test_participant_graph_nodes_and_edges(tmp_path, models, baseline):
 
 
 @requires_shared
+def test_an_subsample_equal_across_models_in_the_graph(tmp_path):
+    specs = _scans(["002"], ["pieman"], tmp_path)
+    wf = init_bids_llm_encode_wf(_settings(tmp_path, model=["smollm2", "minilm"],
+                                           an_subsample=300, seed=4), specs)
+    nodes = [n for n in wf._graph.nodes() if n.name.startswith("dictionary_")]
+    assert {n.name.rsplit("_", 1)[1] for n in nodes} == {"smollm2", "minilm"}
+    assert {(n.inputs.an_subsample, n.inputs.seed, n.inputs.n_atoms) for n in nodes} == {
+        (300, 4, Settings.default("n_atoms"))}
+
+
+@requires_shared
 def test_participant_graph_without_reports_has_no_report_nodes(tmp_path):
     specs = _scans(["002"], ["pieman"], tmp_path)
     wf = init_bids_llm_encode_wf(_settings(tmp_path, reports=False), specs)
@@ -104,9 +115,12 @@ def test_milkyway_versions_get_separate_stimulus_branches(tmp_path):
 def test_group_graph_one_summary_per_task_space_model_and_a_comparison(tmp_path):
     tsv = tmp_path / "networks.tsv"  # the group nodes' inputs must exist
     tsv.write_text("atom\n")
-    found = {("pieman", "", "MNI152NLin2009cAsym", m): [{"networks": str(tsv)}] * 2
+    def recs(task, model, subs=("001", "002")):
+        return [{"networks": str(tsv), "sub": s, "task": task, "model": model} for s in subs]
+
+    found = {("pieman", "", "MNI152NLin2009cAsym", m): recs("pieman", m)
              for m in ("smollm2", "minilm")}
-    found[("tunnel", "", "MNI152NLin2009cAsym", "smollm2")] = [{"networks": str(tsv)}] * 2
+    found[("tunnel", "", "MNI152NLin2009cAsym", "smollm2")] = recs("tunnel", "smollm2")
     wf = init_group_wf(_settings(tmp_path), found)
     _assert_mandatory_inputs_given(wf)
     names, edges = _names(wf), _edges(wf)
@@ -116,6 +130,10 @@ def test_group_graph_one_summary_per_task_space_model_and_a_comparison(tmp_path)
             "compare_models_pieman_MNI152NLin2009cAsym") in edges
     assert not [n for n in names if n.startswith("compare_models_tunnel")]
     assert ("written_group", "report_group") in edges
+    # 001 and 002 heard pieman and tunnel: their atoms are matched across the two stories
+    assert ("cross_story", "written_group") in edges
+    one_story = {k: v for k, v in found.items() if k[0] == "pieman"}
+    assert "cross_story" not in _names(init_group_wf(_settings(tmp_path), one_story))
     no_reports = init_group_wf(_settings(tmp_path, reports=False), found)
     assert "report_group" not in _names(no_reports)
     assert len([n for n in _names(no_reports) if n.startswith("group_")]) == 3

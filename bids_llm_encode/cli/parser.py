@@ -57,6 +57,40 @@ _int_or_auto = _positive(int, allow_auto=True)
 _float_or_auto = _positive(float, allow_auto=True)
 
 
+class _Fraction(argparse.Action):
+    """A float option (``type=float``) that must lie from 0 to 1."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not 0 <= values <= 1:
+            parser.error(f"argument {option_string}: must be from 0 to 1, got {values}")
+        setattr(namespace, self.dest, values)
+
+
+class _LabelsOrFile(argparse.Action):
+    """Labels given on the command line, or read from a file given as ``@FILE`` or as a
+    path ending ``.txt``: labels separated by white space or new lines, ``#`` comments
+    (SLURM array jobs and fMRIPrep users keep participant lists in files)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        labels = []
+        for value in values:
+            if value.startswith("@") or value.endswith(".txt"):
+                path = Path(value[1:] if value.startswith("@") else value).expanduser()
+                try:
+                    text = path.read_text()
+                except OSError as err:
+                    parser.error(f"argument {option_string}: cannot read {path}: "
+                                 f"{err.strerror or err}")
+                words = [w for line in text.splitlines()
+                         for w in line.split("#", 1)[0].split()]
+                if not words:
+                    parser.error(f"argument {option_string}: {path} holds no label")
+                labels += words
+            else:
+                labels.append(value)
+        setattr(namespace, self.dest, labels)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bids_llm_encode",
@@ -87,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("selecting data")
     g.add_argument(
         "--participant-label", "--participant_label", nargs="+", metavar="LABEL",
-        help="participants to analyse, with or without 'sub-' (default: all)",
+        action=_LabelsOrFile,
+        help="participants to analyse, with or without 'sub-' (default: all); @FILE or a "
+        "path ending .txt reads them from a file (white space or one per line, # comments)",
     )
     g.add_argument(
         "--task-label", "--task_label", nargs="+", metavar="TASK",
@@ -127,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument(
         "--trust-header", action="store_true", default=Settings.default("trust_header"),
         help="when they differ, use the NIfTI header's TR instead",
+    )
+    g.add_argument(
+        "--max-unusable-words", type=float, action=_Fraction, default=Settings.default("max_unusable_words"),
+        metavar="F",
+        help="refuse a scan when more than this fraction of its story's words go back in "
+        "time or lie outside the scan (below it: a warning on the console and in the "
+        "report; default: %(default)s)",
     )
 
     g = p.add_argument_group("language model (artificial neurons)")
@@ -182,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
         "recorded in the sidecar)",
     )
     g.add_argument("--seed", type=int, default=Settings.default("seed"), help="random seed (default: %(default)s)")
+    g.add_argument(
+        "--an-subsample", type=_positive_int, default=Settings.default("an_subsample"),
+        metavar="N", help="size control: draw N ANs per model (the same N for every "
+        "--model, seeded by --seed; rerun with other seeds to repeat the draw) before the "
+        "dictionary, so that a larger model does not win by having more units "
+        "(default: every AN)",
+    )
+    g.add_argument(
+        "--dictionary-stability", action="store_true",
+        default=Settings.default("dictionary_stability"),
+        help="also re-fit each dictionary for k in 16, 32, 64, 128 and a second seed and "
+        "write the matched sub-groups' overlap to atoms/*_stability.tsv (7 more fits: slow)",
+    )
 
     g = p.add_argument_group("encoding models")
     g.add_argument(

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="spatial smoothness of the noise: FWHM in mm of the Gaussian applied to each "
         "TR's white-noise volume (default: %(default)s)",
     )
+    p.add_argument(
+        "--planted-layers", metavar="LO:HI", default=None,
+        help="draw the first --planted network's ANs from the model's layers LO..HI "
+        "(inclusive, 0-based) only; the others from all layers (default: all layers)",
+    )
     p.add_argument("--snr", type=float, default=1.0,
                    help="signal-to-noise variance ratio in planted voxels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             atlas=args.atlas,
             global_amp=args.global_amp,
             noise_fwhm=args.noise_fwhm,
+            planted_layers=args.planted_layers,
         )
     except AppError as err:
         print(f"bids_llm_encode_simulate: error: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -100,8 +101,11 @@ def execute(wf: pe.Workflow, settings: Settings) -> None:
     except RuntimeError as err:
         # only this run's crashes: earlier ones were moved to old/ when it started (and
         # a concurrent run's, into the same output_dir, are older than this one)
+        # a concurrent run's (another -w into the same output_dir) are not this run's
+        ours = Path(settings.work_dir).resolve()
         crashes = sorted(c for c in Path(settings.output_dir).rglob("crash-*.txt")
-                         if c.parent.name != "old" and _mtime(c) >= started)
+                         if c.parent.name != "old" and _mtime(c) >= started
+                         and _crash_work_dir(c) in (ours, None))
         failing = sorted({_node_from_crash(c) for c in crashes}) or ["(see log)"]
         where = "; ".join(str(c) for c in crashes[-3:])
         raise AppError(
@@ -132,11 +136,11 @@ def run_participant(settings: Settings) -> None:
         derivatives=settings.derivatives, space=settings.space, exclude=settings.exclude,
         validate=not settings.skip_bids_validation, trust_tr=settings.trusted_tr(),
     )
-    check_scans(specs)
+    check_scans(specs, settings.max_unusable_words)
     with work_lock(settings.work_dir):
         init_derivatives(settings.output_dir, settings.bids_dir,
                          force_version_mix=settings.force_version_mix)
-        archive_old_crashes(settings.output_dir)
+        archive_old_crashes(settings.output_dir, settings.work_dir)
         configure_nipype(settings)
         for sub in sorted({s.subject for s in specs}):
             settings.save(Path(settings.output_dir) / "log" / f"config-participant-sub-{sub}.json")
@@ -155,7 +159,7 @@ def run_group(settings: Settings) -> None:
     with work_lock(settings.work_dir):
         init_derivatives(settings.output_dir, settings.bids_dir,
                          force_version_mix=settings.force_version_mix)
-        archive_old_crashes(settings.output_dir)
+        archive_old_crashes(settings.output_dir, settings.work_dir)
         configure_nipype(settings)
         settings.save(Path(settings.output_dir) / "log" / "config-group.json")
         save_run_config(settings.output_dir, "group", settings.to_json())  # every run
@@ -166,11 +170,12 @@ def run_group(settings: Settings) -> None:
         _run(wf, settings)
 
 
-def check_scans(specs) -> None:
+def check_scans(specs, max_unusable_words: float) -> None:
     """Every BOLD readable to its last volume; word timing usable (65 before any work)."""
     for spec in specs:
         checks.check_bold_readable(spec.bold)
-        checks.check_word_timing(spec.words, spec.n_trs, spec.tr, spec.scan_id, spec.alignment)
+        checks.check_word_timing(spec.words, spec.n_trs, spec.tr, spec.scan_id, spec.alignment,
+                                 max_unusable_words)
 
 
 def check_group_inputs(found: dict) -> None:
@@ -226,11 +231,50 @@ def work_lock(work_dir):
         os.close(fd)
 
 
-def archive_old_crashes(output_dir) -> list[Path]:
-    """Crash files of earlier runs -> <their folder>/old/: only this run's are reported."""
+def _crash_work_dir(crash: Path) -> Path | None:
+    """The -w of the run that wrote ``crash``: the folder above the failed node's
+    ("Working directory:" in the crash file) that holds a work lock file."""
+    try:
+        with open(crash, errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    m = re.search(r"^Working directory: (.+)$", head, re.MULTILINE)
+    if not m:
+        return None
+    for folder in Path(m.group(1).strip()).parents:
+        if (folder / LOCK_NAME).exists():
+            return folder.resolve()
+    return None
+
+
+def _locked_by_a_run(work_dir: Path) -> bool:
+    """Another process holds ``work_dir``'s lock (a run using it is going on now)."""
+    import fcntl
+
+    try:
+        fd = os.open(work_dir / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock taken just now
+    return False
+
+
+def archive_old_crashes(output_dir, work_dir=None) -> list[Path]:
+    """Crash files of earlier runs -> <their folder>/old/: only this run's are reported.
+    Those of a run going on now with another -w into the same output_dir stay put."""
+    ours = Path(work_dir).resolve() if work_dir is not None else None
     moved = []
     for crash in sorted(Path(output_dir).rglob("crash-*.txt")):
         if crash.parent.name == "old":
+            continue
+        owner = _crash_work_dir(crash)
+        if owner is not None and owner != ours and _locked_by_a_run(owner):
             continue
         dest = crash.parent / "old" / crash.name
         dest.parent.mkdir(exist_ok=True)
@@ -241,8 +285,66 @@ def archive_old_crashes(output_dir) -> list[Path]:
     return moved
 
 
+def rerun_if_outputs_missing(wf: pe.Workflow, output_dir) -> list[str]:
+    """Nodes that nipype would take from the cache although a file under ``output_dir``
+    they wrote (their ``out_files`` / ``out_file``) is gone run again (e.g. the group
+    summary after group/ files were deleted). Returns their names."""
+    from nipype.pipeline.engine.utils import load_resultfile
+
+    root = Path(output_dir).resolve()
+    rerun = []
+
+    def visit(flow: pe.Workflow, folder: Path):
+        for node in flow._graph.nodes():
+            if isinstance(node, pe.Workflow):
+                visit(node, folder / node.name)
+                continue
+            if node.overwrite or getattr(node.interface, "always_run", False):
+                continue
+            result = folder / node.name / f"result_{node.name}.pklz"
+            try:
+                outputs = load_resultfile(result).outputs
+            except Exception:  # never run, or unreadable: nipype decides as usual
+                continue
+            files = []
+            for name in ("out_files", "out_file"):
+                value = getattr(outputs, name, None) if outputs is not None else None
+                files += value if isinstance(value, list) else [value]
+            files = [Path(f) for f in files if isinstance(f, str) and f]
+            if any(root in f.resolve().parents and not f.exists() for f in files):
+                node.overwrite = True
+                rerun.append(node.name)
+
+    visit(wf, Path(wf.base_dir) / wf.name)
+    if rerun:
+        LOGGER.info("outputs missing, rerunning: %s", ", ".join(sorted(rerun)))
+    return rerun
+
+
+def log_peak_rss(work_dir, since: float = 0.0) -> list[dict]:
+    """Log (and return) each node's peak RSS and seconds recorded by the interfaces
+    (``peak_rss.json`` in the node folders written after ``since``)."""
+    records = []
+    for path in sorted(Path(work_dir).rglob("peak_rss.json")):
+        try:
+            if path.stat().st_mtime < since:
+                continue
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rec["node"] = path.parent.name
+        records.append(rec)
+        LOGGER.info("node %s: %.1f s, peak RSS %.0f MB (children %.0f MB)", rec["node"],
+                    rec.get("seconds", float("nan")), rec.get("peak_rss_mb", float("nan")),
+                    rec.get("children_peak_rss_mb", float("nan")))
+    return records
+
+
 def _run(wf: pe.Workflow, settings: Settings) -> None:
+    rerun_if_outputs_missing(wf, settings.output_dir)
+    started = time.time()
     execute(wf, settings)
+    log_peak_rss(settings.work_dir, started)
     plugin = plugin_settings(settings)["plugin"]
     if plugin.endswith("Graph"):
         # Graph plugins (SLURMGraph, SGEGraph...) submit every node as a dependent job and

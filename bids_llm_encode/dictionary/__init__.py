@@ -7,6 +7,13 @@ from .inputs import default_alpha, zscore
 from .learn import DictionaryResult, learn_dictionary
 from .selection import match_atoms
 from .solver import dictionary_objective, sparse_encode
+from .stability import (
+    an_subsample,
+    compare_dictionaries,
+    cross_story_stability,
+    match_by_loadings,
+    seed_k_stability,
+)
 from .subgroups import subgroup_table
 
 __all__ = [
@@ -18,4 +25,9 @@ __all__ = [
     "zscore",
     "default_alpha",
     "match_atoms",
+    "an_subsample",
+    "compare_dictionaries",
+    "cross_story_stability",
+    "match_by_loadings",
+    "seed_k_stability",
 ]

@@ -13,6 +13,7 @@ from ..errors import InputDataError, UsageError
 from .banded import (
     _alphas_grid,
     _decode,
+    _fast_search,
     _fold_scores,
     _gammas,
     _grouped_solve,
@@ -61,6 +62,21 @@ class EncodingResult:
 
 
 BandFn = Callable[[np.ndarray, "np.ndarray | None"], tuple]
+
+
+def _select(Xs, Y, cv, alphas, gammas, form, batch, progress, backend_name):
+    """Per-voxel (band weighting, alpha) indices chosen by the inner CV.
+
+    numpy backend, at most half as many features as training TRs:
+    :func:`.banded._fast_search`, the same selection as himalaya's random search with one
+    SVD per fold and weighting and (rank x rank) products per voxel; otherwise (torch /
+    CUDA, or features ~ TRs, where the rank-sized products save nothing) himalaya's solvers.
+    """
+    n_features = sum(X.shape[1] for X in Xs)
+    if form == "feature" and backend_name == "numpy" and 2 * n_features <= Y.shape[0]:
+        return _fast_search(Xs, Y, cv, alphas, gammas)
+    deltas = _search(Xs, Y, cv, alphas, gammas, form, batch, progress)
+    return _decode(deltas, gammas, alphas)
 
 
 def _cross_validate(
@@ -131,8 +147,8 @@ def _cross_validate(
                 LOGGER.info("encoding: outer fold %d/%d (%d voxels)", f + 1, n_folds, Vg)
             Xtr, Xte = band_fn(train, test)
             Ytr, Yte = zscore_columns(Yg, train, test)
-            deltas = _search(Xtr, Ytr, inner, alphas, gammas, form, batch, progress)
-            g_idx, a_idx = _decode(deltas, gammas, alphas)
+            g_idx, a_idx = _select(Xtr, Ytr, inner, alphas, gammas, form, batch, progress,
+                                   backend_name)
             preds = _grouped_solve(Xtr, Ytr, g_idx, a_idx, gammas, alphas, Xte=Xte, batch=batch)
             del Ytr
             r2_f, r_f, split_f = _fold_scores(Yte, preds)
@@ -147,8 +163,8 @@ def _cross_validate(
         all_idx = np.arange(T)
         Xall, _ = band_fn(all_idx, None)
         Yall, _ = zscore_columns(Yg, all_idx)
-        deltas = _search(Xall, Yall, inner_all, alphas, gammas, form, batch, progress)
-        g_idx, a_idx = _decode(deltas, gammas, alphas)
+        g_idx, a_idx = _select(Xall, Yall, inner_all, alphas, gammas, form, batch, progress,
+                               backend_name)
         coefs_all = _grouped_solve(Xall, Yall, g_idx, a_idx, gammas, alphas, batch=batch)
         del Yall
 

@@ -343,6 +343,8 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05,
     ``attrs["paired"]``: with two or more models, one row per model pair and figure:
     ``model_a model_b figure difference ci_low ci_high n_participants`` (mean over the
     participants both models have of a - b, participant-bootstrap 95 % CI).
+    ``attrs["long"]``: the same figures one row per model and measure: ``model measure value
+    ci_low ci_high n_participants`` (CI NaN for the figures without one).
     """
     if not per_model:
         raise InputDataError("model comparison: no model given")
@@ -414,6 +416,16 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05,
         rows.append(row)
     df = pd.DataFrame(rows)
     df.attrs["equal_k"] = bool(df["n_atoms"].nunique() == 1)
+    long = []
+    for row in rows:
+        for name in (*PARTICIPANT_FIGURES, "fraction_atoms_labelled_group",
+                     "mean_abs_atom_corr", "n_atoms"):
+            long.append({"model": row["model"], "measure": name, "value": row[name],
+                         "ci_low": row.get(f"{name}_ci_low", np.nan),
+                         "ci_high": row.get(f"{name}_ci_high", np.nan),
+                         "n_participants": row["n_participants"]})
+    df.attrs["long"] = pd.DataFrame(long, columns=["model", "measure", "value", "ci_low",
+                                                   "ci_high", "n_participants"])
     paired = []
     models = list(per_part)
     for i, a in enumerate(models):

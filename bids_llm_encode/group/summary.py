@@ -224,8 +224,14 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
                                 stimulus),
                 nib.Nifti1Image(rel, mask_img.affine)))
     written += write_maps(out, dict(ent, model=model), geom, maps, sidecar)
+    written += _write_paper_analyses(settings, out, stem, table, tables, atoms, coefs, task,
+                                     model, records)
     return {"model": model, "table": table, "r2_mean": r2_mean, "reliable": reliable,
             "n_participants": len(records), "k": k, "atoms": atoms,
+            # what must be equal across models (compare_models checks it)
+            "equal_terms": {"folds": settings.folds, "gap_s": settings.gap_s,
+                            "fbn_atlas": list(settings.fbn_atlas), "n_atoms": settings.n_atoms,
+                            "an_subsample": settings.an_subsample},
             # per participant, for the model comparison (bootstrap over participants)
             "r2_maps": [np.asarray(r, np.float32) for r in r2s], "participant_tables": tables,
             "participants": [r["sub"] + (f"_run-{r['run']}" if r.get("run") else "")
@@ -274,10 +280,23 @@ def _to_common(Y, g, geom):
     return full[:, geom.keep]
 
 
-def _read_atoms(output_dir, task, model, records=()):
-    """The atoms of exactly the records' stimulus identity: the file their sidecars name
-    (outputs.atoms_file); for outputs that name none, the task's one atoms file, and None
-    when there are several (never another identity's atoms)."""
+def _write_paper_analyses(settings, out, stem, table, tables, atoms, coefs, task, model,
+                          records) -> list:
+    """group/<stem>_{layers,consistency,diversity,agreement}.tsv (group.analyses)."""
+    from ..derivatives import write_tsv
+    from .analyses import paper_analyses, read_dictionary
+
+    path = _atoms_path(settings.output_dir, task, model, records)
+    loadings, units = read_dictionary(path) if path is not None else (None, None)
+    # the group functions count atoms from 0 in ``tables``; the analyses from 1
+    results = paper_analyses(table, [t.assign(atom=t["atom"] + 1) for t in tables], atoms,
+                             coefs, loadings, units, n_perm=settings.n_null,
+                             seed=settings.seed)
+    return [write_tsv(out / f"{stem}_{name}.tsv", frame) for name, frame in results.items()]
+
+
+def _atoms_path(output_dir, task, model, records=()):
+    """The atoms TSV of exactly the records' stimulus identity, or None (_read_atoms)."""
     from ..outputs import atoms_file
 
     named = [r.get("atoms_file") for r in records if r.get("atoms_file")]
@@ -288,19 +307,96 @@ def _read_atoms(output_dir, task, model, records=()):
         if len(files) > 1:
             return None
     files = [f for f in files if f.exists()]
-    if not files:
+    return files[0] if files else None
+
+
+def _read_atoms(output_dir, task, model, records=()):
+    """The atoms of exactly the records' stimulus identity: the file their sidecars name
+    (outputs.atoms_file); for outputs that name none, the task's one atoms file, and None
+    when there are several (never another identity's atoms)."""
+    path = _atoms_path(output_dir, task, model, records)
+    if path is None:
         return None
-    return pd.read_csv(files[0], sep="\t").drop(columns=["onset"]).to_numpy()
+    return pd.read_csv(path, sep="\t").drop(columns=["onset"]).to_numpy()
+
+
+def write_cross_story(output_dir, records: dict[tuple, list[dict]], seed: int = 0,
+                      n_perm: int = 1000) -> list[str]:
+    """``group/model-<model>_crossstory.tsv`` for every model with participants who heard
+    two or more stories (collect_participant_outputs' ``records``): per participant and
+    story pair, the atoms of the two stories' dictionaries matched by AN loadings
+    (dictionary.stability.cross_story_stability) with ``same_network``, plus the pair's
+    ``fraction_same_network`` and permutation ``p_same_network``. [] when nobody did."""
+    import scipy.sparse as sp
+
+    from ..derivatives import write_tsv
+    from ..dictionary.stability import cross_story_pairs, cross_story_stability
+
+    def dictionary(rec):
+        atoms = rec.get("atoms_file")
+        if not atoms:
+            return None
+        stem = Path(output_dir) / atoms[: -len("_atoms.tsv")]
+        lpath, upath = Path(f"{stem}_loadings.npz"), Path(f"{stem}_units.tsv")
+        if not (lpath.exists() and upath.exists()):
+            return None
+        return sp.load_npz(lpath), pd.read_csv(upath, sep="\t")["an_id"].astype(str)
+
+    rows = defaultdict(list)
+    for sub, model, ra, rb in cross_story_pairs(records):
+        da, db = dictionary(ra), dictionary(rb)
+        if da is None or db is None:
+            continue
+        table = cross_story_stability(da[0], da[1], pd.read_csv(ra["networks"], sep="\t"),
+                                      db[0], db[1], pd.read_csv(rb["networks"], sep="\t"),
+                                      n_perm=n_perm, seed=seed)
+        name = [r["task"] + (f"_stim-{r['stim']}" if r.get("stim") else "") for r in (ra, rb)]
+        table.insert(0, "story_b", name[1])
+        table.insert(0, "story_a", name[0])
+        table.insert(0, "participant", sub)
+        table["fraction_same_network"] = table.attrs["fraction_same_network"]
+        table["p_same_network"] = table.attrs["p_same_network"]
+        rows[model].append(table)
+    return [str(write_tsv(Path(output_dir) / "group" / f"model-{m}_crossstory.tsv",
+                          pd.concat(t, ignore_index=True))) for m, t in sorted(rows.items())]
+
+
+def check_equal_terms(summaries: list[dict]) -> dict:
+    """The folds, atlases, k and AN subsample every model was run with must be the same
+    (``group_summary()['equal_terms']``; k: the dictionaries' atom counts, which may differ
+    only with ``--n-atoms auto``); raises InputDataError otherwise. Returns the shared terms."""
+    import json
+
+    terms = [dict(s.get("equal_terms") or {}) for s in summaries]
+    shared = {}
+    for key in ("folds", "gap_s", "fbn_atlas", "n_atoms", "an_subsample"):
+        values = {json.dumps(t.get(key), sort_keys=True) for t in terms if key in t}
+        if len(values) > 1:
+            raise InputDataError(f"model comparison: the models were run with different "
+                                 f"{key} ({', '.join(sorted(values))}): compare models on "
+                                 "equal terms (one run, the same settings)")
+        shared[key] = json.loads(values.pop()) if values else None
+    ks = {int(s["k"]) for s in summaries if s.get("k") is not None}
+    if len(ks) > 1 and shared.get("n_atoms") != "auto":
+        raise InputDataError(f"model comparison: the models' dictionaries have different k "
+                             f"({', '.join(map(str, sorted(ks)))}) although --n-atoms is fixed")
+    shared["equal_k"] = len(ks) <= 1
+    return shared
 
 
 def compare_models(output_dir, task: str, space: str, summaries: list[dict],
                    stimulus: str = "") -> str:
     """``group/task-<task>_space-<space>_networks-by-model.tsv`` from group_summary()s (every
     figure per participant, participant-bootstrap CIs), and with two or more models the
-    paired differences ``..._networks-by-model-paired.tsv`` next to it."""
+    paired differences ``..._networks-by-model-paired.tsv`` next to it; and the long table
+    ``..._models.tsv``: one row per model and measure (value, participant-bootstrap CI,
+    n_participants, the AN subsample used; a summary's optional ``measures`` list of
+    ``{measure, value, ci_low, ci_high}`` dicts joins it). Folds, atlases and k must be the
+    same for every model (:func:`check_equal_terms`)."""
     from ..derivatives import write_tsv
     from .statistics import model_comparison
 
+    terms = check_equal_terms(summaries)
     table = model_comparison({
         s["model"]: dict(labels=s["table"], atoms=s["atoms"],
                          r2_maps=s.get("r2_maps", [s["r2_mean"]]),
@@ -312,4 +408,12 @@ def compare_models(output_dir, task: str, space: str, summaries: list[dict],
     stem = with_stim(f"task-{task}_space-{space}_networks-by-model", stimulus)
     if len(table) > 1:
         write_tsv(folder / f"{stem}-paired.tsv", table.attrs["paired"])
+    long = table.attrs["long"]
+    extra = [dict(m, model=s["model"], n_participants=m.get("n_participants",
+                                                            s.get("n_participants")))
+             for s in summaries for m in s.get("measures", [])]
+    if extra:
+        long = pd.concat([long, pd.DataFrame(extra).reindex(columns=long.columns)], ignore_index=True)
+    long["an_subsample"] = "all" if terms["an_subsample"] is None else terms["an_subsample"]
+    write_tsv(folder / with_stim(f"task-{task}_space-{space}_models.tsv", stimulus), long)
     return str(write_tsv(folder / f"{stem}.tsv", table))

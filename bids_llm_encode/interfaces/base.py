@@ -10,11 +10,56 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import time
 
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, traits
 
 from ..compute import thread_budget
+
+#: Per-node resource record written into the node's folder (read by the run log).
+PEAK_RSS_JSON = "peak_rss.json"
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux ``clear_refs`` 5), so a MultiProc worker that
+    ran other nodes before reports this node's own peak; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _write_peak_rss(cwd, reset: bool, seconds: float) -> None:
+    """``peak_rss.json``: the node's peak RSS (MB), its children's, and its run time."""
+    hwm = _status_kb("VmHWM") if reset else None
+    self_kb = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    record = {
+        "peak_rss_mb": round(self_kb / 1024.0, 1),
+        "children_peak_rss_mb": round(children_kb / 1024.0, 1),
+        "scope": "this node" if hwm is not None else "this worker process so far",
+        "seconds": round(float(seconds), 2),
+    }
+    try:
+        with open(os.path.join(cwd, PEAK_RSS_JSON), "w") as fh:
+            json.dump(record, fh)
+    except OSError:  # pragma: no cover - the record is diagnostic only
+        pass
 
 
 class ThreadedInputSpec(BaseInterfaceInputSpec):
@@ -26,8 +71,12 @@ class ThreadedInterface(SimpleInterface):
     """Runs :meth:`_run` inside the node's thread budget; subclasses implement ``_run``."""
 
     def _run_interface(self, runtime):
+        reset = _reset_peak_rss()
+        start = time.perf_counter()
         with thread_budget(self.inputs.num_threads):
-            return self._run(runtime)
+            out = self._run(runtime)
+        _write_peak_rss(runtime.cwd, reset, time.perf_counter() - start)
+        return out
 
     def _run(self, runtime):  # pragma: no cover - abstract
         raise NotImplementedError

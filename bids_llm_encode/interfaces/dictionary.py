@@ -20,6 +20,11 @@ class _DictInputSpec(ThreadedInputSpec):
     alpha = traits.Either(None, traits.Float, traits.Str, mandatory=True)
     seed = traits.Int(mandatory=True)
     device = traits.Str(mandatory=True)
+    an_subsample = traits.Either(None, traits.Int, mandatory=True,
+                                 desc="N ANs drawn (seeded by seed) before the fit; None: all")
+    stability = traits.Bool(mandatory=True,
+                            desc="re-fit for k in dictionary.stability.STABILITY_K and a "
+                            "second seed; rows in the sidecar's 'stability'")
 
 
 class _DictOutputSpec(TraitedSpec):
@@ -39,24 +44,46 @@ class LearnDictionary(ThreadedInterface):
         import scipy.sparse as sp
 
         from ..dictionary.learn import learn_dictionary
+        from ..dictionary.stability import an_subsample, seed_k_stability
         from ..dictionary.subgroups import subgroup_table
 
         inp = self.inputs
         X = np.load(inp.responses)
+        n_total = X.shape[1]
+        units = pd.read_csv(inp.units, sep="\t")
+        cols = an_subsample(n_total, inp.an_subsample, inp.seed)
+        if inp.an_subsample is not None:
+            X = np.ascontiguousarray(X[:, cols])
+            units = units.iloc[cols].reset_index(drop=True)
         kwargs = {}
         if inp.alpha is not None:
             kwargs["alpha"] = inp.alpha
         res = learn_dictionary(X, n_atoms=inp.n_atoms, seed=inp.seed, device=inp.device,
                                progress=False, **kwargs)
-        units = pd.read_csv(inp.units, sep="\t")
+        stability = None
+        if inp.stability:
+            kw = dict(kwargs, alpha=res.meta.get("alpha", kwargs.get("alpha")),
+                      device=inp.device)
+            stability = seed_k_stability(X, int(res.atoms.shape[1]), inp.seed,
+                                         reference=res.loadings, **kw).to_dict("records")
         out = {k: os.path.join(runtime.cwd, v) for k, v in dict(
             atoms="atoms.npy", loadings="loadings.npz", subgroups="subgroups.tsv",
             meta="dictionary.json").items()}
         np.save(out["atoms"], res.atoms.astype(np.float32))
-        sp.save_npz(out["loadings"], sp.csr_matrix(res.loadings))
         subgroup_table(res, units).to_csv(out["subgroups"], sep="\t", index=False)
+        loadings = sp.csr_matrix(res.loadings)
+        if inp.an_subsample is not None:  # back onto every AN of units.tsv (others: 0)
+            pick = sp.csr_matrix((np.ones(cols.size), (np.arange(cols.size), cols)),
+                                 shape=(cols.size, n_total))
+            loadings = sp.csr_matrix(loadings @ pick)
+        sp.save_npz(out["loadings"], loadings)
         meta = dict(res.meta, stats=res.stats, n_ans=int(X.shape[1]),
-                    n_dropped_constant=int((~res.kept).sum()))
+                    n_dropped_constant=int((~res.kept).sum()),
+                    an_subsample=None if inp.an_subsample is None else {
+                        "n": int(inp.an_subsample), "seed": int(inp.seed),
+                        "n_ans_model": int(n_total)})
+        if stability is not None:
+            meta["stability"] = stability
         self.save_json(runtime, "dictionary.json", meta)
         self._results.update(out)
         return runtime

@@ -85,3 +85,34 @@ class CompareModels(SimpleInterface):
         self._results["out_file"] = compare_models(i.output_dir, i.task, i.space, summaries,
                                                    stimulus=i.stimulus)
         return runtime
+
+
+class _CrossStoryOutputSpec(TraitedSpec):
+    out_files = OutputMultiObject(traits.Str)
+
+
+class _CrossStoryInputSpec(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True)
+    task_labels = traits.Either(None, traits.List(traits.Str), mandatory=True)
+    networks = InputMultiObject(File(exists=True), mandatory=True,
+                                desc="every participant's *_networks.tsv (the node reruns "
+                                "when one changes)")
+    seed = traits.Int(mandatory=True)
+    n_perm = traits.Int(mandatory=True)
+
+
+class CrossStory(SimpleInterface):
+    """``group/model-<m>_crossstory.tsv``: atoms matched across the stories a participant
+    heard, and whether the matched atom carries the same network."""
+
+    input_spec = _CrossStoryInputSpec
+    output_spec = _CrossStoryOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..group.summary import collect_participant_outputs, write_cross_story
+
+        i = self.inputs
+        records = collect_participant_outputs(i.output_dir, i.task_labels)
+        self._results["out_files"] = write_cross_story(i.output_dir, records, seed=i.seed,
+                                                       n_perm=i.n_perm)
+        return runtime

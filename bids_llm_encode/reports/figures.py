@@ -89,7 +89,14 @@ class Maps:
         data = img.dataobj[..., j] if len(img.shape) == 4 else img.dataobj[...]
         return np.asarray(data, float).reshape(img.shape[:3])
 
-    def draw(self, values, path, style: str, title: str, threshold: float | None = None):
+    def draw(self, values, path, style: str, title: str, threshold: float | None = None,
+             clip: tuple[float, float] | None = None):
+        """``style`` "positive": values <= 0 are not drawn (an R2 below 0 is no fit), and
+        ``clip`` (lo, hi) bounds the values first (the ceiling fraction: [0, 1])."""
+        if style == "positive":
+            values = positive_values(values, clip)
+            if threshold is None:  # the one the caption states (sections.positive_figure)
+                threshold = positive_threshold(values, clip)[0]
         if self.kind == "surface":
             n_left = self.hemis[0].shape[1]
             draw_surface(values[:n_left], values[n_left:], path, style, title, threshold)
@@ -113,6 +120,30 @@ def positive_stats(values) -> dict:
             "max": float(pos.max()) if pos.size else float("nan"),
             "p99": float(np.percentile(pos, 99)) if pos.size else float("nan"),
             "median_pos": float(np.median(pos)) if pos.size else float("nan")}
+
+
+def positive_values(values, clip: tuple[float, float] | None = None) -> np.ndarray:
+    """What a "positive" map draws: ``values`` clipped to ``clip`` (if given), non-finite
+    and values <= 0 set to 0 (not drawn)."""
+    v = np.array(values, float)
+    if clip is not None:
+        with np.errstate(invalid="ignore"):
+            v = np.clip(v, clip[0], clip[1])
+    v[~np.isfinite(v)] = 0.0
+    v[v < 0] = 0.0
+    return v
+
+
+def positive_threshold(values, clip: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(threshold, vmax) of a "positive" map: vmax = the 99th percentile of the values
+    > 0 (``clip``'s upper bound when clipped), threshold = 10 % of it."""
+    v = positive_values(values, clip)
+    pos = v[v > 0]
+    vmax = float(np.percentile(pos, 99)) if pos.size else 1.0
+    if clip is not None:
+        vmax = float(clip[1])
+    vmax = vmax if vmax > 0 else 1.0
+    return 0.1 * vmax, vmax
 
 
 def standardise(coef, r2) -> np.ndarray:
@@ -174,15 +205,26 @@ def _save(fig, path, dpi=DPI):
 def _style_kwargs(values, style: str, threshold):
     finite = np.abs(np.asarray(values, float))
     finite = finite[np.isfinite(finite) & (finite > 0)]
-    if style == "positive":
-        vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-        vmax = vmax if vmax > 0 else 1.0
-        thr = 0.1 * vmax if threshold is None else threshold
+    if style == "positive":  # values are >= 0 here (Maps.draw: positive_values)
+        thr, vmax = positive_threshold(values)
+        thr = thr if threshold is None else threshold
         return dict(cmap="hot", vmin=0.0, vmax=vmax, threshold=thr, symmetric_cbar=False)
     thr = 1.96 if threshold is None else float(threshold)
     vmax = float(finite.max()) if finite.size else thr + 1
     return dict(cmap="cold_hot", vmax=max(vmax, thr * 1.05), threshold=thr,
                 symmetric_cbar=True)
+
+
+def tidy_colorbar(display, lo: float, hi: float, n: int = 5):
+    """``n`` evenly spaced, 2-significant-digit ticks from ``lo`` to ``hi`` on a nilearn
+    display's colour bar (nilearn adds the threshold as ticks, which overlap near 0)."""
+    cbar = getattr(display, "_cbar", None)
+    if cbar is None:
+        return
+    ticks = np.linspace(lo, hi, n)
+    cbar.set_ticks(ticks)
+    cbar.set_ticklabels([f"{v:.2g}" for v in ticks])
+    cbar.ax.tick_params(labelsize=9)
 
 
 def draw_volume(img, path, style, title, threshold=None):
@@ -195,14 +237,18 @@ def draw_volume(img, path, style, title, threshold=None):
         fig = plt.figure(figsize=(11, 5.6))
         ax_top = fig.add_axes([0, 0.5, 1, 0.5])
         ax_bottom = fig.add_axes([0, 0, 1, 0.48])
-        plotting.plot_stat_map(img, display_mode="z", cut_coords=7, axes=ax_top, figure=fig,
-                               title=title, colorbar=True, **kw)
-        plotting.plot_glass_brain(img, display_mode="lyrz", axes=ax_bottom, figure=fig,
-                                  plot_abs=False, colorbar=True, **glass_kw)
+        top = plotting.plot_stat_map(img, display_mode="z", cut_coords=7, axes=ax_top,
+                                     figure=fig, title=title, colorbar=True, **kw)
+        bottom = plotting.plot_glass_brain(img, display_mode="lyrz", axes=ax_bottom,
+                                           figure=fig, plot_abs=False, colorbar=True, **kw)
+        for display in (top, bottom):
+            tidy_colorbar(display, 0.0, kw["vmax"])
     else:
         fig = plt.figure(figsize=(9, 2.6))
-        plotting.plot_glass_brain(img, display_mode="lyrz", figure=fig, title=title,
-                                  plot_abs=False, colorbar=True, **glass_kw)
+        display = plotting.plot_glass_brain(img, display_mode="lyrz", figure=fig, title=title,
+                                            plot_abs=False, colorbar=True, **glass_kw)
+        vmax = kw["vmax"]
+        tidy_colorbar(display, -vmax, vmax)
     _save(fig, path)
 
 
@@ -346,5 +392,87 @@ def draw_bars(table: pd.DataFrame, columns: list[str], path):
         ax.spines[["top", "right"]].set_visible(False)
     for ax in axes.ravel()[len(columns):]:
         ax.set_visible(False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def draw_layer_histograms(layers: pd.DataFrame, tests: pd.DataFrame | None, path):
+    """One layer histogram per network (group/<stem>_layers.tsv): the sub-group's
+    distribution over layers (normalised by layer size) as bars, the participant mean with
+    its bootstrap 95 % CI as error bars, all atoms' ANs as a step line."""
+    plt = pyplot()
+    keys = list(dict.fromkeys(zip(layers["atlas"].astype(str), layers["network"].astype(str))))
+    ncols = min(3, len(keys))
+    nrows = int(np.ceil(len(keys) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
+    for ax, (atlas, net) in zip(axes.ravel(), keys):
+        d = layers[(layers["atlas"].astype(str) == atlas) & (layers["network"].astype(str)
+                                                            == net)]
+        x = np.arange(len(d))
+        ax.bar(x, d["distribution"], color="C0", alpha=0.8, label="sub-group")
+        mean = pd.to_numeric(d["participant_mean"], errors="coerce").to_numpy(float)
+        lo = pd.to_numeric(d["ci_low"], errors="coerce").to_numpy(float)
+        hi = pd.to_numeric(d["ci_high"], errors="coerce").to_numpy(float)
+        if np.isfinite(lo).any():
+            ax.errorbar(x, mean, yerr=[np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)],
+                        fmt=".", color="k", ms=3, lw=0.8, label="participants (95 % CI)")
+        ax.step(x, d["distribution_all"], where="mid", color="C3", label="all atoms")
+        p = float(d["p"].iloc[0]) if "p" in d.columns and len(d) else float("nan")
+        ax.set_title(f"{net}  (TVD p = {p:.3g})", fontsize=10)
+        ticks = x[:: max(1, len(x) // 8)]
+        ax.set_xticks(ticks, [str(v) for v in d["layer"].to_numpy()[ticks]], fontsize=8)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes.ravel()[0].legend(fontsize=7, frameon=False)
+    for ax in axes.ravel()[len(keys):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def draw_consistency_diversity(cons: pd.DataFrame, div: pd.DataFrame | None,
+                               agree: pd.DataFrame | None, path):
+    """Consistency per network (group value, participant mean and CI, random-set null
+    mean), the diversity measures (group and participant CI), and the per-atom spatial
+    agreement of participants' maps."""
+    plt = pyplot()
+    panels = [p for p, ok in (("cons", cons is not None and len(cons)
+                                and "consistency" in cons.columns),
+                              ("div", div is not None and len(div)),
+                              ("agree", agree is not None and len(agree))) if ok]
+    if not panels:
+        raise ValueError("no consistency, diversity or agreement values to draw")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.0), squeeze=False)
+    for ax, panel in zip(axes.ravel(), panels):
+        if panel == "cons":
+            x = np.arange(len(cons))
+            ax.bar(x, cons["consistency"], color="C0", alpha=0.8, label="group atoms")
+            ax.plot(x, cons["consistency_null"], "r_", ms=14, label="random sets (mean)")
+            m = pd.to_numeric(cons["consistency_participants"], errors="coerce").to_numpy()
+            lo = pd.to_numeric(cons["consistency_ci_low"], errors="coerce").to_numpy()
+            hi = pd.to_numeric(cons["consistency_ci_high"], errors="coerce").to_numpy()
+            ax.errorbar(x, m, yerr=[np.nan_to_num(m - lo), np.nan_to_num(hi - m)], fmt="o",
+                        color="k", ms=3, lw=0.8, label="participants (95 % CI)")
+            ax.set_xticks(x, [f"{n}\np={p:.2g}" for n, p in zip(
+                cons["network"], cons["consistency_p"])], fontsize=7)
+            ax.set_title("consistency (mean pairwise r)", fontsize=10)
+            ax.legend(fontsize=7, frameon=False)
+        elif panel == "div":
+            x = np.arange(len(div))
+            ax.bar(x, div["group"], color="C2", alpha=0.8, label="group")
+            m, lo, hi = (pd.to_numeric(div[c], errors="coerce").to_numpy()
+                         for c in ("participant_mean", "ci_low", "ci_high"))
+            ax.errorbar(x, m, yerr=[np.nan_to_num(m - lo), np.nan_to_num(hi - m)], fmt="o",
+                        color="k", ms=3, lw=0.8, label="participants (95 % CI)")
+            ax.set_xticks(x, div["measure"].astype(str), fontsize=8)
+            ax.set_title("diversity", fontsize=10)
+            ax.legend(fontsize=7, frameon=False)
+        else:
+            x = agree["atom"].to_numpy()
+            labelled = agree["group_labels"].astype(str) != "n/a"
+            ax.bar(x, agree["spatial_r"], color=np.where(labelled, "C1", "0.7"))
+            ax.set_xlabel("atom (orange: group label)", fontsize=8)
+            ax.set_title("participants' map agreement (mean pairwise r)", fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     _save(fig, path)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..derivatives import atomic_path, write_text
+from ..derivatives import atomic_path, relative_settings, write_text
 from .figures import close_new, pyplot
 from .tables import DIRECTIONS, Q_ALPHA
 
@@ -83,7 +83,7 @@ class Page:
     def settings(self, settings):
         self.nav.append(("settings", "Run settings"))
         try:
-            data = settings.to_json()
+            data = relative_settings(settings.to_json(), self.root)  # no host paths
         except Exception as exc:  # noqa: BLE001 - the report is still useful without it
             self.parts.append(f'<section id="settings"><h2>Run settings</h2><p class="note">'
                               f"settings unavailable: {_e(str(exc))}</p></section>")
@@ -92,6 +92,39 @@ class Page:
                              "value": [_setting_text(v) for v in data.values()]})
         self.parts.append('<section id="settings"><h2>Run settings</h2>'
                           + table_html(rows, "settings") + "</section>")
+
+    def methods(self, settings):
+        """The methods boilerplate of the run with its references (the text of
+        ``CITATION.md``, see derivatives.methods_paragraphs)."""
+        from ..derivatives import methods_paragraphs
+
+        self.nav.append(("methods", "Methods"))
+        try:
+            paras, refs = methods_paragraphs(settings.to_json())
+        except Exception as exc:  # noqa: BLE001 - the report is still useful without it
+            self.parts.append(f'<section id="methods"><h2>Methods</h2><p class="note">'
+                              f"methods text unavailable: {_e(str(exc))}</p></section>")
+            return
+        body = "".join(f"<p>{_code(p)}</p>" for p in paras)
+        items = "".join(f"<li>{_e(r)}</li>" for r in refs)
+        self.parts.append(f'<section id="methods"><h2>Methods</h2>{body}'
+                          f"<h3>References</h3><ol class=\"refs\">{items}</ol></section>")
+
+    def errors(self, crash_files: list[Path]):
+        """An "Errors" section listing the crash files of failed nodes (paths relative to
+        the output folder; the first lines of each)."""
+        if not crash_files:
+            return
+        self.nav.append(("errors", "Errors"))
+        items = []
+        for path in crash_files:
+            rel = _relative(path, self.root)
+            items.append(f"<li><code>{_e(rel)}</code><pre>{_e(_crash_summary(path))}</pre>"
+                         "</li>")
+        self.parts.append('<section id="errors"><h2>Errors</h2><p class="report-errors">'
+                          f"{len(crash_files)} node(s) of this run failed; their crash files "
+                          "(plain text, in the output folder; the last lines below):</p>"
+                          f'<ul class="crashes">{"".join(items)}</ul></section>')
 
     def write(self, path: Path) -> Path:
         nav = "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t in self.nav)
@@ -105,6 +138,53 @@ class Page:
             + '\n<footer>Figures are PNG files in the folder next to this page; the page '
             "needs no network and no JavaScript.</footer></main></body></html>\n")
         return write_text(path, doc)
+
+
+def _code(text: str) -> str:
+    """Escape ``text``; `backticked` words become <code>."""
+    parts = _e(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the output folder; only its name when it lies elsewhere."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def _crash_summary(path: Path, max_lines: int = 12) -> str:
+    """The node name and the last lines of the traceback of a nipype crash file (pklz or
+    txt), host paths shortened to file names."""
+    import re
+
+    try:
+        if str(path).endswith(".pklz"):
+            from nipype.utils.filemanip import loadcrash
+
+            crash = loadcrash(str(path))
+            lines = [f"node: {crash.get('node')}"] + "".join(
+                crash.get("traceback") or []).splitlines()[-max_lines:]
+        else:
+            lines = Path(path).read_text(errors="replace").splitlines()[-max_lines:]
+    except Exception as exc:  # noqa: BLE001 - an unreadable crash file is still listed
+        lines = [f"(unreadable: {type(exc).__name__})"]
+    text = "\n".join(lines)
+    return re.sub(r"(?<![\w.])/(?:[^\s/'\"]+/)+([^\s/'\"]+)", r".../\1", text)
+
+
+def crash_files(root: Path, subject: str | None = None) -> list[Path]:
+    """Crash files of failed nodes: ``<out>/sub-<id>/log`` (participant) and ``<out>/log``."""
+    root = Path(root)
+    folders = ([root / f"sub-{subject}" / "log"] if subject else []) + [root / "log"]
+    found = []
+    for folder in folders:
+        if folder.is_dir():
+            found += sorted(p for p in folder.rglob("crash-*")  # earlier runs': old/
+                            if p.is_file() and p.suffix in (".pklz", ".txt")
+                            and "old" not in p.relative_to(folder).parts)
+    return found
 
 
 def css() -> str:
@@ -189,7 +269,7 @@ def fmt(value) -> str:
     return f"{v:.3g}"
 
 
-def stats_caption(stats: dict, maps) -> str:
+def stats_caption(stats: dict, maps, threshold: float | None = None) -> str:
     """Caption text of ``figures.positive_stats`` of a ``figures.Maps``."""
     frac = 100.0 * stats["n_pos"] / max(stats["n"], 1)
     text = (f"{stats['n_pos']} of {stats['n']} voxels/vertices > 0 ({frac:.1f} %); "
@@ -197,7 +277,9 @@ def stats_caption(stats: dict, maps) -> str:
             f"{fmt(stats['p99'])}, max {fmt(stats['max'])}.")
     if maps.drawn_as == "histogram":
         return text + " No fsaverage mesh of this size is available offline: histogram."
-    return text + " Shown above 10 % of the 99th percentile."
+    thr = 0.1 * stats["p99"] if threshold is None else threshold
+    return text + (f" Drawn: values > {fmt(thr)} (10 % of the 99th percentile, or of the "
+                   "upper clip); values <= 0 are not drawn.")
 
 
 def label_caption(rows: pd.DataFrame) -> str:

@@ -13,7 +13,7 @@ import pandas as pd
 from ..errors import MissingInputError
 from ..outputs import PARTICIPANT_NETWORKS_RE
 from .figures import Maps, draw_timecourses
-from .page import Page
+from .page import Page, crash_files
 from .sections import labelled_atom_maps, matrix_and_table, positive_figure
 from .tables import Q_ALPHA, labelled_atoms, read_networks
 
@@ -61,6 +61,8 @@ def _participant_report(settings, out: Path, subject: str, specs) -> Path:
         for model, nets_path in nets.items():
             _scan_model_section(page, out, spec, model, nets_path, z_default, summary)
     page.prepend_summary(f"Participant sub-{subject}", summary)
+    page.errors(crash_files(out, subject))
+    page.methods(settings)
     page.settings(settings)
     return page.write(out / f"sub-{subject}.html")
 
@@ -113,8 +115,9 @@ def _scan_model_section(page, out, spec, model, nets_path, z_default, summary):
 
 
 def _atoms_and_r2(page, out, spec, model, stem, r2, labelled):
-    page.h3("Atom time courses")
     atoms_tsv = _find_atoms_tsv(out, spec, model)
+    _word_timing_warning(page, atoms_tsv)
+    page.h3("Atom time courses")
     if atoms_tsv is None:
         page.note(f"no atoms/task-{spec.task}*_model-{model}_atoms.tsv: time courses skipped")
     else:
@@ -131,6 +134,37 @@ def _atoms_and_r2(page, out, spec, model, stem, r2, labelled):
                            f"{model}: held-out R2 (atoms)",
                            "Held-out (cross-validated) R2 of the atoms band.",
                            empty="no voxel has a held-out R2 > 0: nothing to show")
+
+
+def _word_timing_warning(page, atoms_tsv: Path | None) -> None:
+    """A warning box when the extraction sidecar (``atoms/*_atoms.json``, "Extraction")
+    counts words that were not used: beyond the end of the scan, or out of time order."""
+    import html
+
+    if atoms_tsv is None:
+        return
+    try:
+        meta = json.loads(atoms_tsv.with_name(atoms_tsv.name[: -len(".tsv")] + ".json")
+                          .read_text()).get("Extraction") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    n = meta.get("n_words")
+    parts = []
+    outside = int(meta.get("n_words_outside_scan") or 0)
+    if outside:
+        scan = (f" ({meta['n_trs']} TRs x {meta['tr']} s)"
+                if meta.get("n_trs") and meta.get("tr") else "")
+        parts.append(f"{outside} of {n} words lie outside the scan{scan}")
+    backwards = int(meta.get("n_words_out_of_order") or 0)
+    if backwards:
+        parts.append(f"{backwards} of {n} words go back in time")
+    if not parts:
+        return
+    text = (f"Word timing: {'; '.join(parts)}. Those words are not used in the atoms' "
+            f"regressors (see {atoms_tsv.name[: -len('.tsv')]}.json, \"Extraction\"); check "
+            "the alignment, the events onset and the BOLD length.")
+    page.parts.append('<p class="report-error word-timing" style="background: #fff4e5; '
+                      f'border-left-color: #f0ad4e">{html.escape(text)}</p>')
 
 
 def _find_atoms_tsv(out: Path, spec, model: str) -> Path | None:

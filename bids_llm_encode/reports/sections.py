@@ -4,24 +4,44 @@ from __future__ import annotations
 
 import numpy as np
 
-from .figures import MAX_LABELLED, Maps, draw_matrix, positive_stats, standardise, t_threshold
+from .figures import (
+    MAX_LABELLED,
+    Maps,
+    draw_matrix,
+    positive_stats,
+    positive_threshold,
+    positive_values,
+    standardise,
+    t_threshold,
+)
 from .page import label_caption, stats_caption
 from .tables import Q_ALPHA, row_value
 
 MAX_TABLE_ROWS = 60  # rows of a significant-labels table
 
 
-def positive_figure(page, maps: Maps, name, title, caption, empty: str | None = None) -> float:
-    """Draw map 0 of ``maps`` (values > 0) with its statistics; returns its maximum.
+def positive_figure(page, maps: Maps, name, title, caption, empty: str | None = None,
+                    clip: tuple[float, float] | None = None) -> float:
+    """Draw map 0 of ``maps`` (values > 0 only, above a stated threshold) with its
+    statistics; returns its maximum. ``clip`` (lo, hi): values are bounded first (the
+    ceiling fraction: [0, 1]) and the caption says how many were clipped.
 
     A map with no value > 0 is a note (``empty``, else "<title>: no value > 0 ...")."""
-    values = maps.values(0)
+    raw = maps.values(0)
+    values = positive_values(raw, clip) if clip is not None else raw
     stats = positive_stats(values)
     if stats["n_pos"] == 0:
         page.note(empty or f"{title}: no value > 0, nothing to show")
         return stats["max"]
-    page.figure(name, lambda p: maps.draw(values, p, "positive", title),
-                f"{caption} {stats_caption(stats, maps)}")
+    threshold, _ = positive_threshold(values, clip)
+    note = ""
+    if clip is not None:
+        finite = np.asarray(raw, float)[np.isfinite(raw)]
+        note = (f" Clipped to [{clip[0]:g}, {clip[1]:g}]: {int((finite > clip[1]).sum())} "
+                f"values above {clip[1]:g}, {int((finite < clip[0]).sum())} below "
+                f"{clip[0]:g}.")
+    page.figure(name, lambda p: maps.draw(values, p, "positive", title, clip=clip),
+                f"{caption} {stats_caption(stats, maps, threshold)}{note}")
     return stats["max"]
 
 

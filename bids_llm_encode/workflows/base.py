@@ -26,7 +26,7 @@ from ..interfaces.extraction import ExtractResponses
 from ..interfaces.networks import LabelNetworks
 from ..interfaces.reports import ParticipantReport
 from ..outputs import atoms_file
-from .nodes import estimate_mem_gb, gather, make_node, safe_name
+from .nodes import estimate_mem_gb, gather, make_node, safe_name, scan_n_voxels
 
 
 def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
@@ -70,7 +70,8 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
             ), f"extract_{stem}", mem["extract"], n_procs=threads)
             dictionary = make_node(LearnDictionary(
                 n_atoms=settings.n_atoms, alpha=settings.alpha_an, seed=settings.seed,
-                device=settings.device,
+                device=settings.device, an_subsample=settings.an_subsample,
+                stability=settings.dictionary_stability,
             ), f"dictionary_{stem}", mem["dictionary"], n_procs=threads)
             wf.connect([(extract, dictionary, [("responses", "responses"), ("units", "units")])])
             stim_sink = make_node(WriteStimulusOutputs(
@@ -114,7 +115,8 @@ def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, base
                      cfg, mem, identity, stim):
     crash_dir = Path(settings.output_dir) / f"sub-{spec.subject}" / "log"
     name = f"{safe_name(spec.scan_id)}_{mlabel}"
-    nvox_mem = estimate_mem_gb(common["trs_stop"] - common["trs_start"], 1)
+    nvox_mem = estimate_mem_gb(common["trs_stop"] - common["trs_start"], 1,
+                               scan_n_voxels(spec.bold, spec.mask))
     encode = make_node(FitEncoding(
         bold=spec.bold, mask=spec.mask, hrf=settings.hrf, delays=settings.delays,
         folds=settings.folds, gap_s=settings.gap_s, nuisance=settings.nuisance,

@@ -10,7 +10,8 @@ from collections import defaultdict
 from nipype.pipeline import engine as pe
 
 from ..config import Settings
-from ..interfaces.group import CompareModels, GroupSummary
+from ..dictionary.stability import cross_story_pairs
+from ..interfaces.group import CompareModels, CrossStory, GroupSummary
 from ..interfaces.reports import GroupReport
 from .nodes import gather, make_node, safe_name
 
@@ -43,6 +44,12 @@ def init_group_wf(settings: Settings, found: dict) -> pe.Workflow:
             gather(wf, [(node, "summary") for node in per_model.values()], compare,
                     "summaries", f"summaries_{stem}")
             written.append((compare, "out_file"))
+    if cross_story_pairs(found):  # participants who heard two or more stories
+        cross = make_node(CrossStory(
+            output_dir=str(settings.output_dir), task_labels=settings.task_label,
+            networks=sorted({r["networks"] for recs in found.values() for r in recs}),
+            seed=settings.seed, n_perm=settings.n_null), "cross_story", 1.0)
+        written.append((cross, "out_files"))
     if settings.reports:
         gather(wf, written, make_node(GroupReport(settings=cfg), "report_group", 1.0),
                 "written", "written_group")

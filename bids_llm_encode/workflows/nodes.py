@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -19,6 +20,27 @@ def make_node(interface, name, mem_gb, n_procs=1, crash_dir=None):
     if crash_dir is not None:
         node.config = {"execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt"}}
     return node
+
+
+def scan_n_voxels(bold, mask=None, default: int = 30000) -> int:
+    """Voxels / vertices the scan's encoding fits: brain-mask voxels, else the BOLD's
+    spatial size (NIfTI header; GIFTI vertex counts); ``default`` if unreadable."""
+    import nibabel as nib
+
+    try:
+        if mask:
+            return int(np.count_nonzero(np.asarray(nib.load(mask).dataobj)))
+        files = [bold] if isinstance(bold, str) else list(bold)
+        total = 0
+        for f in files:
+            img = nib.load(f)
+            if hasattr(img, "darrays"):
+                total += int(img.darrays[0].dims[0]) if img.darrays else 0
+            else:
+                total += int(np.prod(img.shape[:3]))
+        return total or default
+    except Exception:  # noqa: BLE001 - an estimate only; the nodes report real errors
+        return default
 
 
 def estimate_mem_gb(n_trs: int, n_ans: int, n_voxels: int = 30000) -> dict:

@@ -1,0 +1,216 @@
+"""The paper's analyses (group/analyses.py): layer distributions of AN sub-groups,
+consistency, diversity, agreement across participants; planted truths, hand-computed
+references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from bids_llm_encode.group.analyses import (
+    consistency_test,
+    label_entropy,
+    layer_test,
+    paper_analyses,
+    spatial_agreement,
+)
+
+N_LAYERS, PER_LAYER, K = 12, 80, 40
+
+
+def planted_dictionary(seed=0, planted=(3, 7, 11), layer_range=(2, 4), size=25):
+    """k x ANs loadings: every atom loads on ``size`` ANs drawn from all layers, the
+    planted atoms (1-based) only on ANs of layers ``layer_range`` (inclusive)."""
+    rng = np.random.default_rng(seed)
+    layers = np.repeat(np.arange(N_LAYERS), PER_LAYER)
+    L = np.zeros((K, layers.size))
+    lo, hi = layer_range
+    pool = np.flatnonzero((layers >= lo) & (layers <= hi))
+    for j in range(K):
+        src = pool if (j + 1) in planted else np.arange(layers.size)
+        idx = rng.choice(src, size, replace=False)
+        L[j, idx] = rng.standard_normal(size)
+    units = pd.DataFrame({"an_id": [f"L{ly:02d}.{i:04d}" for ly, i in zip(
+        layers, np.tile(np.arange(PER_LAYER), N_LAYERS))], "layer": layers,
+        "index": np.tile(np.arange(PER_LAYER), N_LAYERS)})
+    return sp.csr_matrix(L), units
+
+
+def test_planted_layer_subgroup_peaks_in_its_layers_and_is_significant():
+    L, units = planted_dictionary()
+    res = layer_test(L, units["layer"].to_numpy(), [3, 7, 11], n_perm=500, seed=1)
+    assert res["levels"][int(np.argmax(res["distribution"]))] in (2, 3, 4)
+    # every AN of the sub-group lies in layers 2-4 (hand check of the union)
+    assert res["counts"][[0, 1, *range(5, 12)]].sum() == 0
+    assert res["counts"].sum() == np.count_nonzero(L[[2, 6, 10]].toarray().any(0))
+    assert res["p"] < 0.01
+    # the distribution over all atoms is roughly flat, normalised by layer size
+    assert res["distribution_all"].max() < 2.5 / N_LAYERS
+    np.testing.assert_allclose(res["distribution"].sum(), 1.0)
+
+
+def test_unplanted_subgroup_is_not_significant():
+    L, units = planted_dictionary()
+    ps = [layer_test(L, units["layer"].to_numpy(), atoms, n_perm=300, seed=2)["p"]
+          for atoms in ([1, 20, 30], [5, 15, 25], [2, 9, 33])]
+    assert min(ps) > 0.05
+
+
+def test_layer_distribution_normalises_by_layer_size():
+    # layer 0 has 10 ANs, layer 1 has 30: one AN in each gives densities 1/10 and 1/30
+    layers = np.r_[np.zeros(10, int), np.ones(30, int)]
+    L = np.zeros((2, 40))
+    L[0, [0, 10]] = 1.0
+    L[1, [1, 11, 12]] = 1.0
+    res = layer_test(L, layers, [1], n_perm=0)
+    np.testing.assert_allclose(res["distribution"], [0.75, 0.25])
+    np.testing.assert_allclose(res["distribution_all"], [(2 / 10) / (2 / 10 + 3 / 30),
+                                                         (3 / 30) / (2 / 10 + 3 / 30)])
+
+
+def correlated_atoms(seed=0, T=300, k=30, members=(2, 5, 9, 14), rho=0.6):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((T, k))
+    shared = rng.standard_normal(T)
+    for a in members:
+        A[:, a - 1] = np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.standard_normal(T)
+    return A
+
+
+def test_consistency_of_correlated_atoms_is_significant_random_atoms_not():
+    A = correlated_atoms()
+    res = consistency_test(A, {2: 1, 5: 1, 9: 1, 14: 1}, n_perm=500, seed=0)
+    # reference: mean of the 6 pairwise numpy correlations
+    C = np.corrcoef(A[:, [1, 4, 8, 13]].T)
+    np.testing.assert_allclose(res["consistency"], C[np.triu_indices(4, 1)].mean())
+    assert res["consistency"] > 0.4 and res["p"] < 0.01
+    # a deactivated member counts with its sign flipped: same value for a flipped atom
+    B = A.copy()
+    B[:, 8] *= -1
+    flipped = consistency_test(B, {2: 1, 5: 1, 9: -1, 14: 1}, n_perm=0)
+    np.testing.assert_allclose(flipped["consistency"], res["consistency"])
+    rand = consistency_test(A, {1: 1, 20: 1, 25: 1, 30: 1}, n_perm=500, seed=0)
+    assert rand["p"] > 0.05 and abs(rand["consistency"]) < 0.15
+
+
+def test_label_entropy_and_spatial_agreement_hand_cases():
+    assert label_entropy({("a", "X"): {1: 1, 2: 1}, ("a", "Y"): {3: 1, 4: 1}}) == 1.0
+    assert label_entropy({("a", "X"): {1: 1}}) == 0.0
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3, 500))
+    coefs = [base + 0.5 * rng.standard_normal((3, 500)) for _ in range(4)]
+    coefs = [np.vstack([c[:2], rng.standard_normal((1, 500))]) for c in coefs]  # atom 3: noise
+    pair, loo = spatial_agreement(coefs)
+    ref = np.mean([np.corrcoef(coefs[i][0], coefs[j][0])[0, 1]
+                   for i in range(4) for j in range(i + 1, 4)])
+    np.testing.assert_allclose(pair[0], ref)
+    assert pair[0] > 0.7 and abs(pair[2]) < 0.1
+    assert loo.shape == (4, 3) and np.all(loo[:, 0] > loo[:, 2])
+
+
+def _table(rows):
+    return pd.DataFrame(rows, columns=["atom", "atlas", "network", "direction", "q",
+                                       "significant"])
+
+
+def test_paper_analyses_tables_with_participant_cis():
+    L, units = planted_dictionary()
+    A = correlated_atoms(k=K, members=(3, 7, 11))
+    group = _table([(a, "kong", "DefaultA", "activated", 0.01, True) for a in (3, 7, 11)]
+                   + [(a, "kong", "Language", "deactivated", 0.01, True) for a in (1, 20, 30)]
+                   + [(5, "kong", "Visual", "activated", 0.3, False)])
+    parts = [_table([(a, "kong", "DefaultA", "activated", 0.01, True) for a in (3, 7, 11)[:n]]
+                    + [(1, "kong", "Language", "deactivated", 0.02, True)])
+             for n in (3, 2, 3, 1)]
+    coefs = [np.random.default_rng(i).standard_normal((K, 50)) for i in range(4)]
+    out = paper_analyses(group, parts, A, coefs, L, units, n_perm=300, seed=0, n_boot=200)
+    cons = out["consistency"].set_index("network")
+    assert set(cons.index) == {"DefaultA", "Language"}
+    assert cons.loc["DefaultA", "layer_p"] < 0.01 and cons.loc["Language", "layer_p"] > 0.05
+    assert cons.loc["DefaultA", "peak_layer"] in (2, 3, 4)
+    assert cons.loc["DefaultA", "consistency_p"] < 0.05
+    assert cons.loc["DefaultA", "consistency_n_participants"] == 3
+    # participant fractions of the DefaultA group labels: 3/3, 2/3, 3/3, 1/3
+    np.testing.assert_allclose(cons.loc["DefaultA", "label_fraction"], np.mean([1, 2 / 3, 1,
+                                                                              1 / 3]))
+    assert cons.loc["DefaultA", "label_fraction_ci_low"] <= cons.loc["DefaultA",
+                                                                     "label_fraction"]
+    layers = out["layers"]
+    assert len(layers) == 2 * N_LAYERS
+    d = layers[layers["network"] == "DefaultA"].set_index("layer")
+    assert d["n_participants"].iloc[0] == 4
+    assert (d.loc[[0, 1, 5], "participant_mean"] == 0).all()
+    div = out["diversity"].set_index("measure")
+    assert div.loc["n_networks", "group"] == 2 and div.loc["n_networks", "participant_mean"] == 2
+    assert div.loc["label_entropy", "group"] == pytest.approx(1.0)
+    assert list(out["agreement"]["atom"]) == list(range(1, K + 1))
+    assert out["agreement"].set_index("atom").loc[3, "group_labels"] == "DefaultA+"
+
+
+def test_simulator_planted_layers_draws_the_first_network_from_that_range(tmp_path):
+    import json
+
+    from bids_llm_encode.errors import UsageError
+    from bids_llm_encode.simulate import simulate_dataset
+
+    truth = simulate_dataset(tmp_path / "bids", n_participants=1, resolution=8,
+                             planted_layers="2:4", progress=False)
+    layer = [[int(a[1:].split(".")[0]) for a in n["an_ids"]] for n in truth["networks"]]
+    assert all(2 <= ly <= 4 for ly in layer[0]) and len(layer[0]) == 64
+    assert max(layer[1]) > 4 or min(layer[1]) < 2  # the other network: every layer
+    saved = json.loads((tmp_path / "bids" / "sourcedata" / "ground_truth.json").read_text())
+    assert saved["planted_layers"] == [2, 4] and saved["networks"][0]["layers"] == [2, 4]
+    assert saved["networks"][1]["layers"] is None
+    with pytest.raises(UsageError):
+        simulate_dataset(tmp_path / "bad", n_participants=1, resolution=8,
+                         planted_layers="5:2", progress=False)
+
+
+def test_group_step_writes_the_tables_and_the_report_draws_them(tmp_path):
+    """summary._write_paper_analyses reads the atoms / loadings / units files next to the
+    atoms TSV and writes the four TSVs; the report's drawing functions make PNGs."""
+    from types import SimpleNamespace
+
+    from bids_llm_encode.group.summary import _write_paper_analyses
+    from bids_llm_encode.reports.figures import (
+        draw_consistency_diversity,
+        draw_layer_histograms,
+    )
+
+    L, units = planted_dictionary()
+    A = correlated_atoms(k=K, members=(3, 7, 11))
+    (tmp_path / "atoms").mkdir()
+    (tmp_path / "group").mkdir()
+    prefix = tmp_path / "atoms" / "task-story_model-m"
+    pd.DataFrame(A, columns=[f"atom{j + 1:02d}" for j in range(K)]).assign(
+        onset=np.arange(len(A)) * 1.5).to_csv(f"{prefix}_atoms.tsv", sep="\t", index=False)
+    sp.save_npz(f"{prefix}_loadings.npz", L)
+    units.to_csv(f"{prefix}_units.tsv", sep="\t", index=False)
+    group = _table([(a, "kong", "DefaultA", "activated", 0.01, True) for a in (3, 7, 11)])
+    zero_based = [_table([(a - 1, "kong", "DefaultA", "activated", 0.01, True)
+                          for a in (3, 7)]) for _ in range(3)]
+    coefs = [np.random.default_rng(i).standard_normal((K, 30)) for i in range(3)]
+    settings = SimpleNamespace(output_dir=str(tmp_path), n_null=200, seed=0)
+    written = _write_paper_analyses(settings, tmp_path / "group", "task-story_space-X_model-m",
+                                    group, zero_based, A, coefs, "story", "m",
+                                    [{"atoms_file": "atoms/task-story_model-m_atoms.tsv"}])
+    names = sorted(p.name for p in map(__import__("pathlib").Path, written))
+    assert names == [f"task-story_space-X_model-m_{s}.tsv" for s in
+                     ("agreement", "consistency", "diversity", "layers")]
+    cons = pd.read_csv(tmp_path / "group" / "task-story_space-X_model-m_consistency.tsv",
+                       sep="\t")
+    # participants' atoms 2, 6 (0-based) are atoms 3, 7: both carry the group label
+    assert cons["label_fraction"].iloc[0] == pytest.approx(2 / 3)
+    assert cons["layer_p"].iloc[0] < 0.05
+    layers = pd.read_csv(tmp_path / "group" / "task-story_space-X_model-m_layers.tsv",
+                         sep="\t")
+    div = pd.read_csv(tmp_path / "group" / "task-story_space-X_model-m_diversity.tsv",
+                      sep="\t")
+    agree = pd.read_csv(tmp_path / "group" / "task-story_space-X_model-m_agreement.tsv",
+                        sep="\t")
+    draw_layer_histograms(layers, cons, tmp_path / "layers.png")
+    draw_consistency_diversity(cons, div, agree, tmp_path / "cons.png")
+    for name in ("layers.png", "cons.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
