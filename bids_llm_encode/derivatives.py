@@ -33,6 +33,7 @@ BIDSIGNORE = [
     "*_networks.tsv",
     "*_networks.json",
     "*.html",
+    "CITATION.md",  # the methods text; BIDS names only CITATION.cff
     "atoms",
     "figures",
     "group",

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from bids_llm_encode.networks.atlases import NCT_VERSION, bundled_atlas_files, read_nct_atlas
+from bids_llm_encode.networks.nct import NCT_VERSION, bundled_atlas_files, read_nct_atlas
 
 
 def main() -> None:

@@ -82,8 +82,9 @@ def test_every_documented_output_exists_and_opens(full_run):
         assert nib.load(func / f"{stem}_stat-effect_desc-atoms_statmap.nii.gz").shape[3] == 64
         assert nib.load(func / f"{stem}_stat-alpha_desc-bands_statmap.nii.gz").shape[3] == 2
         nets = pd.read_csv(func / f"{stem}_networks.tsv", sep="\t")
-        assert list(nets.columns[:8]) == ["atom", "atlas", "network", "direction", "dice",
-                                          "p", "q", "n_voxels"]
+        assert list(nets.columns[:10]) == ["atom", "atlas", "network", "direction", "dice",
+                                           "p_time", "p_space", "q", "significant", "n_voxels"]
+        assert (nets["significant"] == (nets["q"] < 0.05)).all()  # q = max(p_time, p_space)
         assert nets["atom"].min() == 1 and nets["atom"].max() == 64
         assert (func / f"sub-{sub}_task-pieman_space-{SPACE}_desc-brain_mask.nii.gz").exists()
         assert (out / f"sub-{sub}.html").exists()
@@ -253,13 +254,14 @@ def test_nothing_planted_null_calibration_and_no_group_labels(tmp_path):
     assert main([str(bids), str(out), "participant", *common]) == 0
     ps = np.concatenate([pd.read_csv(f, sep="\t")["p"].to_numpy()
                          for f in sorted(out.glob("sub-*/func/*_networks.tsv"))])
-    assert ps.size == 2 * 64 * 13 * 2  # participants x atoms x networks x directions
+    assert ps.size == 2 * 64 * 17 * 2  # participants x atoms x kong2019 networks x directions
     rate = float(np.mean(ps < 0.05))
     assert 0.02 <= rate <= 0.08, rate
     assert main([str(bids), str(out), "group", *common]) == 0
     group = pd.read_csv(out / "group" / f"task-pieman_space-{SPACE}_model-smollm2_networks.tsv",
                         sep="\t")
-    assert (group["q"] >= 0.05).all(), group.nsmallest(5, "q")
+    assert not group["significant"].any(), group.nsmallest(5, "q")
+    assert (group["q"] >= 0.05).all()
 
 
 def test_bids_validator_passes_outputs_and_simulated_input(full_run):

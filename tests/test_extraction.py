@@ -355,7 +355,13 @@ def test_words_partly_outside_scan(minilm, story):
     res = ex.extract_responses(story, TR, n_trs, model="minilm", device="cpu", progress=False)
     outside = int((story["onset"] >= n_trs * TR).sum())
     assert res.meta["n_words_outside_scan"] == outside > 0
+    assert res.meta["n_words_out_of_order"] == 0
     assert res.X_raw.shape[0] == n_trs and np.isfinite(res.X_raw).all()
+    swapped = story.copy()  # two words out of time order: counted for the report
+    swapped.loc[[10, 11], "onset"] = swapped.loc[[11, 10], "onset"].to_numpy()
+    res = ex.extract_responses(swapped, TR, n_trs, model="minilm", device="cpu",
+                               progress=False)
+    assert res.meta["n_words_out_of_order"] == 1
 
 
 def test_blocked_tr_accumulator_matches_plain_per_tr_means():

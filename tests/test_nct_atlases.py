@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from bids_llm_encode.networks import NCT_ATLASES, dice, load_atlas
-from bids_llm_encode.networks.atlases import NCT_ENV, bundled_atlas_files, read_nct_atlas
+from bids_llm_encode.networks.nct import NCT_ENV, bundled_atlas_files, read_nct_atlas
 
 NCT = Path(__file__).resolve().parents[2] / "shared" / "nct"
 needs_nct = pytest.mark.skipif(not (NCT / "core").is_dir(),

@@ -212,6 +212,7 @@ def extract_responses(
         "tr": tr, "n_trs": n_trs,
         "n_words": len(word_list), "n_tokens": int(len(plan.ids)),
         "n_words_outside_scan": int((~in_scan).sum()),
+        "n_words_out_of_order": int((np.diff(onsets) < -1e-6).sum()) if len(onsets) > 1 else 0,
         "n_words_without_tokens": int((~has).sum()),
         "n_trs_without_words": int(n_trs - len(np.unique(tr_idx[in_scan & has]))),
         "device": dev, "dtype": dtype, "torch_threads": torch.get_num_threads(),

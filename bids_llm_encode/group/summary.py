@@ -144,10 +144,10 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
     ``records`` share one stimulus identity (collect_participant_outputs' keys);
     ``stimulus``: its label, written as ``stim-<label>`` into every group file name when
     the task has several identities ("" otherwise)."""
-    from ..derivatives import write_image, write_tsv
+    from ..derivatives import write_image
     from ..encoding.ceiling import explainable_variance
     from ..networks import ShiftNull
-    from ..outputs import write_maps
+    from ..outputs import write_maps, write_networks_table
     from ..pipeline import load_atlases, spatial_null
     from .statistics import GroupShiftNull, group_labels, group_ttest, reliable_mask
 
@@ -191,7 +191,6 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
     table["atom"] = table["atom"] + 1
     ent = {"task": task, "space": space, "stim": stimulus or None}
     stem = with_stim(f"task-{task}_space-{space}_model-{model}", stimulus)
-    written = [write_tsv(out / f"{stem}_networks.tsv", table)]
     sidecar = {"Model": model, "NumberOfParticipants": len(records),
                "Participants": [r["sub"] for r in records], "NumberOfAtoms": k,
                "GroupNull": null_kind, "ThresholdZ": settings.map_threshold,
@@ -199,6 +198,8 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
                "SpatialNull": spatial_kind, "TestedStatistic": "dice",
                "LabelRule": "significant = p_time < .05 and p_space < .05 (max-statistic "
                             "FWER over all group rows); q = max(p_time, p_space)"}
+    written = [Path(p) for p in write_networks_table(out / f"{stem}_networks.tsv", table,
+                                                     sidecar)]
     maps = {("t", "atoms"): t_map, ("r2", "mean"): r2_mean}
 
     reliable = None

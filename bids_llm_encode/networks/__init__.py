@@ -25,16 +25,14 @@ group.py), or a callable ``f(coefs, r2)`` yielding the same.
 
 from .atlases import (
     DEFAULT_ATLAS,
-    NCT_ATLASES,
     Atlas,
-    check_atlas_available,
     has_fsaverage6,
     is_named_atlas,
     load_atlas,
     network_table,
-    read_nct_atlas,
 )
 from .labelling import label_atoms
+from .nct import NCT_ATLASES, check_atlas_available, read_nct_atlas
 from .overlap import (
     ThresholdedMaps,
     count_pvalues,

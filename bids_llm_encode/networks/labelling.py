@@ -250,15 +250,18 @@ def _label_atoms_nullz(coefs, r2, onehot, sizes, null, z, cache_bytes) -> dict:
     # to the shifted ones and made the null liberal (28 % at p < .05 on pure noise).
     valid = np.isfinite(np.asarray(r2, float)) & np.isfinite(coefs).all(0)
     factory = _null_blocks(null, coefs, r2)
-    s1 = np.zeros((k, V))
     s2 = np.zeros((k, V))
     n_null = None
     cache, cached = [], 0
     for sl, block, vb in _null_pass(factory, valid):
         n_null = block.shape[0]
-        b = np.nan_to_num(block.astype(np.float64))
-        s1[:, sl] += b.sum(0)
-        s2[:, sl] += (b * b).sum(0)
+        # one float32 pass per block (the null maps are n_null x k x V: at native
+        # resolution tens of GB in float64); NaN cells (no data) count as 0
+        sq = np.einsum("nkv,nkv->kv", block, block)
+        if not np.isfinite(sq).all():
+            b = np.nan_to_num(block)
+            sq = np.einsum("nkv,nkv->kv", b, b)
+        s2[:, sl] += sq
         if cache is not None:
             cached += block.nbytes
             cache = cache + [(sl, block, vb)] if cached <= cache_bytes else None
@@ -275,13 +278,18 @@ def _label_atoms_nullz(coefs, r2, onehot, sizes, null, z, cache_bytes) -> dict:
     M = onehot.shape[1]
     size_null = np.zeros((n_null, 2, k))
     inter_null = np.zeros((n_null, 2, k, M))
+    # A null coefficient c is beyond the cut when (c - mu) / sd >= z, i.e. c >= mu + z sd:
+    # per-cell cuts (infinite where a cell is not analysed) avoid dividing every null map;
+    # NaN cells compare False.
+    upper_cut = np.where(ok, mu + z * sd, np.inf).astype(np.float32)
+    lower_cut = np.where(ok, mu - z * sd, -np.inf).astype(np.float32)
     for sl, block, vb in (cache if cache is not None else _null_pass(factory, valid)):
-        sdb = np.where(sd[:, sl] > 0, sd[:, sl], 1.0)
-        zb = (block - mu[None, :, sl]) / sdb[None]
-        w = ok[None, :, sl] & vb[:, None, :] & np.isfinite(zb)
+        per_draw = vb.shape[0] > 1 or not vb.all()  # voxels missing in some draws (spins)
         nets = onehot[sl]
-        for d, m in enumerate((zb >= z, zb <= -z)):
-            m = m & w
+        for d, m in enumerate((block >= upper_cut[None, :, sl],
+                               block <= lower_cut[None, :, sl])):
+            if per_draw:
+                m &= vb[:, None, :]
             size_null[:, d] += m.sum(-1)
             inter_null[:, d] += (m.reshape(n_null * k, -1).astype(np.float32) @ nets
                                  ).reshape(n_null, k, M)

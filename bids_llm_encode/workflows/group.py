@@ -32,6 +32,10 @@ def init_group_wf(settings: Settings, found: dict) -> pe.Workflow:
             networks=[r["networks"] for r in records],
         ), f"group_{tstim}_{safe_name(space)}_{safe_name(model)}", mem_gb,
             n_procs=settings.node_threads())
+        # The participants' sinks rewrite their tables on every participant run (issue 17:
+        # nothing lost); hashing the tables' content, not their times, keeps a finished
+        # group summary cached when they come back identical.
+        by_task[(task, stim, space)][model].config = {"execution": {"hash_method": "content"}}
     written = []
     for (task, stim, space), per_model in sorted(by_task.items()):
         written += [(node, "out_files") for node in per_model.values()]
@@ -49,6 +53,7 @@ def init_group_wf(settings: Settings, found: dict) -> pe.Workflow:
             output_dir=str(settings.output_dir), task_labels=settings.task_label,
             networks=sorted({r["networks"] for recs in found.values() for r in recs}),
             seed=settings.seed, n_perm=settings.n_null), "cross_story", 1.0)
+        cross.config = {"execution": {"hash_method": "content"}}
         written.append((cross, "out_files"))
     if settings.reports:
         gather(wf, written, make_node(GroupReport(settings=cfg), "report_group", 1.0),
