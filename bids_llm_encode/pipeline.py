@@ -29,8 +29,8 @@ def per_atom(coefs: np.ndarray, k: int, delays: list[int] | None) -> np.ndarray:
 
 
 def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, story, *, hrf,
-                      delays, folds, gap_s, nuisance, slice_time_ref, baseline_responses=None,
-                      baseline_units=None):
+                      delays, folds, gap_s, nuisance, slice_time_ref, device,
+                      baseline_responses=None, baseline_units=None):
     from .encoding import (
         fit_encoding,
         layer_baseline,
@@ -48,7 +48,10 @@ def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, stor
                                         slice_time_ref=slice_time_ref)
         # FIR: the energy of the per-TR atoms gets the atoms' delays
         nuis = nuisance_with_atom_energy(nuis_full[start:stop], atoms, delays=delays)
-    res = fit_encoding(Y, features, tr, nuisance=nuis, n_folds=folds, gap_s=gap_s)
+    # --device cpu keeps himalaya on numpy even where a GPU is visible
+    backend = {"cpu": "numpy", "cuda": "torch_cuda"}.get(str(device).split(":")[0], "auto")
+    res = fit_encoding(Y, features, tr, nuisance=nuis, n_folds=folds, gap_s=gap_s,
+                       backend=backend)
     k = atoms.shape[1]
     maps = {
         "r2": res.r2, "r": res.r, "r2_atoms": res.r2_atoms,
@@ -71,7 +74,7 @@ def fit_atom_encoding(bold, mask, atoms, alignment, audio_onset, tr, n_trs, stor
                   sorted(units["layer"].unique())]
         # same nuisance band and outer folds as the atoms model; layer chosen inside folds
         b = layer_baseline(Y, layers, n_components=k, tr=tr, nuisance=nuis, n_folds=folds,
-                           gap_s=gap_s)
+                           gap_s=gap_s, backend=backend)
         base = {"r2": b.r2, "r": b.r, "alphas": b.alphas, "fold_r2": b.fold_r2,
                 "best_layer": b.best_layer, "fold_layers": b.fold_layers}
     return {"maps": maps, "meta": meta}, base

@@ -26,6 +26,7 @@ class _EncodeInputSpec(ThreadedInputSpec):
     folds = traits.Int(mandatory=True)
     gap_s = traits.Float(mandatory=True)
     nuisance = traits.Bool(mandatory=True)
+    device = traits.Str(mandatory=True, desc="auto, cpu or cuda: himalaya's backend")
     slice_time_ref = traits.Float(mandatory=True, desc="fraction of the TR of each volume's "
                                   "sample time")
     # connected from the extraction only with --baseline layers
@@ -54,7 +55,7 @@ class FitEncoding(ThreadedInterface):
             alignment=inp.alignment, audio_onset=inp.audio_onset, tr=inp.tr,
             n_trs=inp.n_trs, story=(inp.trs_start, inp.trs_stop), hrf=inp.hrf,
             delays=inp.delays or None, folds=inp.folds, gap_s=inp.gap_s,
-            nuisance=inp.nuisance, slice_time_ref=inp.slice_time_ref,
+            nuisance=inp.nuisance, slice_time_ref=inp.slice_time_ref, device=inp.device,
             baseline_responses=inp.baseline_responses,
             baseline_units=inp.baseline_units,
         )

@@ -120,7 +120,7 @@ def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, base
     encode = make_node(FitEncoding(
         bold=spec.bold, mask=spec.mask, hrf=settings.hrf, delays=settings.delays,
         folds=settings.folds, gap_s=settings.gap_s, nuisance=settings.nuisance,
-        slice_time_ref=settings.slice_time_ref, **common,
+        slice_time_ref=settings.slice_time_ref, device=settings.device, **common,
     ), f"encode_{name}", nvox_mem["encode"], n_procs=settings.node_threads(),
         crash_dir=crash_dir)
     wf.connect(dictionary, "atoms", encode, "atoms")
