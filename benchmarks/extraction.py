@@ -80,24 +80,6 @@ def repeated_story(words: pd.DataFrame, n_words: int) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True).iloc[:n_words]
 
 
-def _status_kb(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM (the peak RSS) so that the extraction's own peak can be read."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def naive_baseline(lm, words: pd.DataFrame, n_trs: int, context: int) -> np.ndarray:
     """HF model WITH LM head on windows of C tokens, stride C/2, overlap recomputed."""
     import torch
@@ -176,14 +158,15 @@ def speed(n_words: int, context: int) -> dict:
 def child_rss(n_words: int, n_trs: int, units: str, context: int) -> None:
     """In a fresh process: load the model, then one extraction; print RSS figures as JSON."""
     from bids_llm_encode import extraction as ex
+    from bids_llm_encode.compute import reset_peak_rss, status_kb
     from bids_llm_encode.extraction.context import tokenize_words
 
     story = repeated_story(read_gentle(ALIGN), n_words)
     lm = ex.load_model("smollm2", device="cpu")
     tokenize_words(lm.tokenizer, ["warm", "up"])
-    rss_model = _status_kb("VmRSS")
+    rss_model = status_kb("VmRSS") or 0
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     res = ex.extract_responses(story, TR, n_trs, model="smollm2", units=units, device="cpu",
                                progress=False, context_tokens=context)
@@ -191,7 +174,7 @@ def child_rss(n_words: int, n_trs: int, units: str, context: int) -> None:
     ru_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # the extraction's own peak: VmHWM after the reset; getrusage's lifetime peak otherwise
     # (that one may still be the model load's transient peak)
-    peak = _status_kb("VmHWM") if reset else ru_peak
+    peak = status_kb("VmHWM") if reset else ru_peak
     print(json.dumps({
         "n_words": n_words, "n_tokens": res.meta["n_tokens"], "n_trs": n_trs, "units": units,
         "n_ans": res.meta["n_ans"], "X_bytes": int(res.X.nbytes + res.X_raw.nbytes),

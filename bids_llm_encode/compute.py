@@ -1,4 +1,5 @@
-"""Numeric plumbing shared by the stages: device choice, thread budgets, z-scoring."""
+"""Numeric plumbing shared by the stages: device choice, thread budgets, z-scoring, and
+the process's memory readings."""
 
 from __future__ import annotations
 
@@ -85,3 +86,26 @@ def zscore_columns(X, rows=None, apply=None, dtype=np.float32):
     Xa -= mean
     Xa *= inv
     return Xt, Xa
+
+
+def status_kb(field: str) -> int | None:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM...); None where not available."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux ``clear_refs`` 5), so a MultiProc worker that
+    ran other nodes before reports this node's own peak; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False

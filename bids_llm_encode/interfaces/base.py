@@ -16,37 +16,15 @@ import time
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, traits
 
-from ..compute import thread_budget
+from ..compute import reset_peak_rss, status_kb, thread_budget
 
 #: Per-node resource record written into the node's folder (read by the run log).
 PEAK_RSS_JSON = "peak_rss.json"
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:  # pragma: no cover - not Linux
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (Linux ``clear_refs`` 5), so a MultiProc worker that
-    ran other nodes before reports this node's own peak; False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _write_peak_rss(cwd, reset: bool, seconds: float) -> None:
     """``peak_rss.json``: the node's peak RSS (MB), its children's, and its run time."""
-    hwm = _status_kb("VmHWM") if reset else None
+    hwm = status_kb("VmHWM") if reset else None
     self_kb = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     record = {
@@ -71,7 +49,7 @@ class ThreadedInterface(SimpleInterface):
     """Runs :meth:`_run` inside the node's thread budget; subclasses implement ``_run``."""
 
     def _run_interface(self, runtime):
-        reset = _reset_peak_rss()
+        reset = reset_peak_rss()
         start = time.perf_counter()
         with thread_budget(self.inputs.num_threads):
             out = self._run(runtime)
