@@ -220,6 +220,10 @@ def test_max_unusable_words_option(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         p.parse_args(base + ["--max-unusable-words", "1.5"])
     assert exc.value.code == 64 and "from 0 to 1" in capsys.readouterr().err
+    # the slice-timing reference is a fraction of the TR too: refused before any work
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args(base + ["--slice-time-ref", "1.5"])
+    assert exc.value.code == 64 and "--slice-time-ref" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- group level

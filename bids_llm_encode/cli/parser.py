@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use FIR delays (in TRs, e.g. 1 2 3 4) instead of the canonical HRF",
     )
     g.add_argument(
-        "--slice-time-ref", type=float, default=Settings.default("slice_time_ref"),
+        "--slice-time-ref", type=float, action=_Fraction, default=Settings.default("slice_time_ref"),
         metavar="FRACTION",
         help="fraction of the TR at which each volume is sampled (the slice-timing reference "
         "of the preprocessed BOLD): HRF regressors are read at (t + FRACTION) * TR; 0.5 = "
