@@ -424,3 +424,28 @@ def test_colour_bar_ticks_do_not_crowd():
     plt.close("all")
     assert labels == ["0", "0.075", "0.15", "0.22", "0.3"]
     assert np.allclose(np.diff(ticks), 0.075)
+
+
+def test_run_settings_show_each_nodes_time_and_peak_memory(derivatives, tmp_path):
+    """The participant report's run-settings section lists the seconds and peak RSS the
+    interfaces recorded for this participant's nodes and its stories' stimulus nodes,
+    and not another participant's."""
+    import dataclasses
+    import json
+
+    settings, specs = derivatives
+    work = tmp_path / "work" / "bids_llm_encode_wf"
+    task = specs[0].task
+    for node, mb in ((f"extract_{task}_{task}_smollm2", 1400.4),
+                     (f"label_sub_001_task_{task}_smollm2", 2939.0),
+                     (f"label_sub_002_task_{task}_smollm2", 7777.0),
+                     ("extract_otherstory_otherstory_smollm2", 8888.0)):
+        (work / node).mkdir(parents=True)
+        (work / node / "peak_rss.json").write_text(json.dumps(
+            {"peak_rss_mb": mb, "children_peak_rss_mb": 12.0, "seconds": 3.25}))
+    settings = dataclasses.replace(settings, work_dir=tmp_path / "work")
+    text = reports.write_participant_reports(settings, specs[:1])[0].read_text()
+    section = text[text.index('<section id="settings">'):]
+    assert "Time and peak memory per node" in section
+    assert "2939" in section and "1400" in section
+    assert "7777" not in section and "8888" not in section

@@ -80,7 +80,9 @@ class Page:
         """The summary table on top: one row per section, its first cell links to it."""
         self.head = _summary_html(title, rows)
 
-    def settings(self, settings):
+    def settings(self, settings, resources: pd.DataFrame | None = None):
+        """The run's settings (no host paths) and, when given, each node's seconds and
+        peak memory as the interfaces recorded them (``peak_rss.json``)."""
         self.nav.append(("settings", "Run settings"))
         try:
             data = relative_settings(settings.to_json(), self.root)  # no host paths
@@ -90,8 +92,14 @@ class Page:
             return
         rows = pd.DataFrame({"setting": list(data),
                              "value": [_setting_text(v) for v in data.values()]})
+        extra = ""
+        if resources is not None and len(resources):
+            extra = ("<h3>Time and peak memory per node</h3><p class=\"note\">As recorded "
+                     "when each node last ran (cached nodes keep their first run's figures); "
+                     "peak RSS of the node's process and of its child processes.</p>"
+                     + table_html(resources, "resources"))
         self.parts.append('<section id="settings"><h2>Run settings</h2>'
-                          + table_html(rows, "settings") + "</section>")
+                          + table_html(rows, "settings") + extra + "</section>")
 
     def methods(self, settings):
         """The methods boilerplate of the run with its references (the text of

@@ -63,8 +63,32 @@ def _participant_report(settings, out: Path, subject: str, specs) -> Path:
     page.prepend_summary(f"Participant sub-{subject}", summary)
     page.errors(crash_files(out, subject))
     page.methods(settings)
-    page.settings(settings)
+    page.settings(settings, node_resources(_setting(settings, "work_dir", None), subject,
+                                           {spec.task for spec in specs}))
     return page.write(out / f"sub-{subject}.html")
+
+
+def node_resources(work_dir, subject: str, tasks: set[str]) -> pd.DataFrame | None:
+    """Seconds and peak RSS of this participant's nodes and of the stimulus nodes of its
+    stories (extraction, dictionary), from the ``peak_rss.json`` the interfaces write."""
+    if not work_dir or not Path(work_dir).is_dir():
+        return None
+    rows = []
+    for path in sorted(Path(work_dir).rglob("peak_rss.json")):
+        node = path.parent.name
+        own = re.search(rf"(^|_)sub_{re.escape(subject)}(_|$)", node) is not None
+        stimulus = "_sub_" not in node and any(f"_{t}_" in f"_{node}_" for t in tasks)
+        if not (own or stimulus):
+            continue
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        mb = [rec.get(k) for k in ("peak_rss_mb", "children_peak_rss_mb")]
+        rows.append({"node": node, "seconds": round(float(rec.get("seconds", float("nan"))), 1),
+                     "peak RSS (MB)": None if mb[0] is None else int(round(mb[0])),
+                     "children peak RSS (MB)": None if mb[1] is None else int(round(mb[1]))})
+    return pd.DataFrame(rows) if rows else None
 
 
 def _setting(settings, name, default):
