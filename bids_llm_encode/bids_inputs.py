@@ -31,6 +31,7 @@ from .errors import (
     InputDataError,
     MissingInputError,
     NoMatchError,
+    OutputError,
     UsageError,
 )
 
@@ -282,8 +283,10 @@ def stimulus_name(events: pd.DataFrame, task: str, condition: str | None) -> str
     return task
 
 
-def _derivative_bold(deriv_layout, deriv: str, space: str, subject: str, task: str, run):
-    query = dict(subject=subject, task=task, space=space, return_type="file")
+def _derivative_bold(deriv_layout, deriv: str, space: str, subject: str, task: str, run,
+                     bids_filter: dict | None = None):
+    query = {**(bids_filter or {}),
+             **dict(subject=subject, task=task, space=space, return_type="file")}
     if run is not None:
         query["run"] = run
     else:
@@ -314,6 +317,127 @@ def _derivative_mask(deriv_root: Path, deriv: str, space: str, bold: str, task: 
     return str(cand) if cand.exists() or cand.is_symlink() else None
 
 
+# --------------------------------------------------------------------------- fMRIPrep options
+# --bids-filter-file: {"<kind>": {<entity>: value, ...}} (fMRIPrep's format). "bold" narrows
+# the preprocessed BOLD query (and, by the entities a scan shares with its events.tsv, which
+# scans are found); "events" narrows the raw events.tsv query.
+FILTER_KINDS = ("bold", "events")
+SCAN_ENTITIES = ("subject", "session", "task", "acquisition", "ceagent", "reconstruction",
+                 "direction", "run")
+_APP_SET_ENTITIES = {"suffix": "the app queries _bold/_events", "extension": "the app picks it",
+                     "datatype": "the app queries func/", "space": "use --space",
+                     "desc": "use --derivatives", "scans": "not a file entity",
+                     "modality": "not a file entity"}
+
+
+def _pybids_entities() -> set[str]:
+    from bids.layout.models import Config
+
+    return set(Config.load("bids").entities) | {"res", "hemi", "den"}
+
+
+def load_bids_filters(path: str | os.PathLike | None) -> dict | None:
+    """Read and check a ``--bids-filter-file``; every problem is one line naming the file."""
+    if path is None:
+        return None
+    path = Path(path)
+    where = f"--bids-filter-file {path}"
+    if not path.is_file():
+        raise MissingInputError(f"{where} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{where} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"{where} must be a JSON object such as "
+                         '{"bold": {"session": "01", "run": 1}}')
+    known = _pybids_entities()
+    for kind, query in data.items():
+        if kind not in FILTER_KINDS:
+            raise UsageError(f"{where}: unknown input kind {kind!r}; "
+                             f"use {' or '.join(map(repr, FILTER_KINDS))}")
+        if not isinstance(query, dict):
+            raise UsageError(f"{where}: {kind!r} must map entity names to values")
+        for entity, value in query.items():
+            if entity in _APP_SET_ENTITIES:
+                raise UsageError(f"{where}: {kind}.{entity} cannot be filtered "
+                                 f"({_APP_SET_ENTITIES[entity]})")
+            if entity not in known:
+                raise UsageError(f"{where}: {kind}.{entity} is not a pybids entity "
+                                 "(e.g. subject, session, task, run, acquisition, echo)")
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(v is None or (isinstance(v, (str, int))
+                                                   and not isinstance(v, bool))
+                                     for v in values):
+                raise UsageError(f"{where}: {kind}.{entity} must be a string, an integer, "
+                                 f"null or a list of them, not {value!r}")
+    return data
+
+
+def _filter_query(query: dict) -> dict:
+    """pybids keyword arguments of one filter kind (null: the entity must be absent)."""
+    from bids.layout import Query
+
+    return {k: Query.NONE if v is None else v for k, v in query.items()}
+
+
+def _restrict(found: list[str], query: dict, entity: str) -> list[str]:
+    """Labels in ``found`` that a filter on ``entity`` keeps (subject and task are also
+    the --participant-label/--task-label selection, so they are intersected)."""
+    if entity not in query:
+        return found
+    wanted = query[entity] if isinstance(query[entity], list) else [query[entity]]
+    return [x for x in found if x in {str(w) for w in wanted if w is not None}]
+
+
+def _layout_db(database_dir: str | os.PathLike | None, root: Path, validate: bool):
+    """pybids' ``database_path`` for ``root`` under ``--bids-database-dir`` (one folder per
+    indexed tree and validation setting), or None."""
+    if database_dir is None:
+        return None
+    import hashlib
+
+    key = hashlib.sha1(f"{root}|{validate}".encode()).hexdigest()[:10]
+    return Path(database_dir).expanduser().resolve() / f"{root.name}-{key}"
+
+
+def load_layout(root: str | os.PathLike, database_dir=None, validate: bool = False,
+                **kwargs):
+    """``bids.BIDSLayout(root)``, indexed once into ``database_dir`` and loaded from there
+    afterwards (SLURM array jobs share it). The index is built in a private folder and
+    renamed into place, so jobs that start together never see a half-written database;
+    when several build it, the first rename wins and the others use it."""
+    import bids
+
+    root = Path(root)
+    db = _layout_db(database_dir, root, validate)
+    if db is None:
+        return bids.BIDSLayout(str(root), validate=validate, **kwargs)
+    if (db / "layout_index.sqlite").is_file():
+        LOGGER.info("pybids index of %s loaded from %s", root, db)
+        return bids.BIDSLayout(str(root), validate=validate, database_path=str(db), **kwargs)
+    import shutil
+    import tempfile
+
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{db.name}-", dir=db.parent))
+    except OSError as err:
+        raise OutputError(f"--bids-database-dir {database_dir}: cannot write "
+                          f"({err.strerror or err})") from None
+    try:
+        layout = bids.BIDSLayout(str(root), validate=validate, database_path=str(tmp), **kwargs)
+        del layout  # close the sqlite session before the folder moves
+        try:
+            os.rename(tmp, db)
+            LOGGER.info("pybids index of %s saved to %s", root, db)
+        except OSError:  # another job renamed its copy first: use that one
+            LOGGER.info("pybids index of %s: using the one another job saved", root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return bids.BIDSLayout(str(root), validate=validate, database_path=str(db), **kwargs)
+
+
 def find_scans(
     bids_dir: str | os.PathLike,
     participant_labels: list[str] | None = None,
@@ -324,12 +448,15 @@ def find_scans(
     validate: bool = True,
     require_images: bool = True,
     trust_tr: str | None = None,
+    bids_filters: dict | None = None,
+    database_dir: str | os.PathLike | None = None,
 ) -> list[ScanSpec]:
     """Query the dataset; one ScanSpec per participant x scan (runs kept apart).
 
     ``trust_tr``: None (a sidecar TR that disagrees with the BOLD header is an error),
-    ``"sidecar"`` or ``"header"`` (which of the two to use then): :func:`checked_tr`."""
-    import bids
+    ``"sidecar"`` or ``"header"`` (which of the two to use then): :func:`checked_tr`.
+    ``bids_filters``: a checked ``--bids-filter-file`` (:func:`load_bids_filters`);
+    ``database_dir``: ``--bids-database-dir`` (:func:`load_layout`)."""
 
     bids_dir = Path(bids_dir).resolve()
     if validate:
@@ -342,7 +469,9 @@ def find_scans(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            layout = bids.BIDSLayout(str(bids_dir), validate=validate)
+            layout = load_layout(bids_dir, database_dir, validate=validate)
+        except AppError:
+            raise
         except Exception as err:  # pybids raises its own BIDSValidationError
             raise BidsValidationError(f"{bids_dir}: pybids cannot index it ({err})") from None
 
@@ -350,6 +479,20 @@ def find_scans(
                        "--participant-label", bids_dir, "participants")
     tasks = _select(layout.get_tasks(), normalise_labels(task_labels, "task-"),
                     "--task-label", bids_dir, "tasks")
+    # the "bold" entities a scan shares with its events.tsv narrow the events query too
+    bold_query = (bids_filters or {}).get("bold", {})
+    events_query = {**{k: v for k, v in bold_query.items() if k in SCAN_ENTITIES},
+                    **(bids_filters or {}).get("events", {})}
+    for query in (bold_query, events_query):  # subject/task: intersected with the labels
+        subjects = _restrict(subjects, query, "subject")
+        tasks = _restrict(tasks, query, "task")
+    if bids_filters and (not subjects or not tasks):
+        raise NoMatchError(f"--bids-filter-file leaves no {'task' if subjects else 'participant'}"
+                           f" of {bids_dir} to analyse")
+    bold_filter = _filter_query({k: v for k, v in bold_query.items()
+                                 if k not in ("subject", "task")})
+    scan_filter = _filter_query({k: v for k, v in events_query.items()
+                                 if k not in ("subject", "task")})
 
     deriv_root = None
     deriv_layout = None
@@ -357,7 +500,8 @@ def find_scans(
         deriv_root = _derivatives_root(bids_dir, derivatives)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            deriv_layout = bids.BIDSLayout(str(deriv_root), validate=False, is_derivative=True)
+            deriv_layout = load_layout(deriv_root, database_dir, validate=False,
+                                       is_derivative=True)
 
     exclusions = load_exclusions(bids_dir) if exclude else {}
     specs: list[ScanSpec] = []
@@ -365,7 +509,8 @@ def find_scans(
     skipped: dict[str, list[str]] = {}  # subject -> why each of its scans was left out
     with_events: set[tuple] = set()
     for events_file in layout.get(
-        subject=subjects, task=tasks, suffix="events", extension=".tsv", datatype="func"
+        subject=subjects, task=tasks, suffix="events", extension=".tsv", datatype="func",
+        **scan_filter,
     ):
         ent = events_file.get_entities()
         subject, task, run = ent["subject"], ent["task"], ent.get("run")
@@ -398,7 +543,8 @@ def find_scans(
 
         bold, mask, n_trs = [], None, 0
         if require_images:
-            bold = _derivative_bold(deriv_layout, derivatives, space, subject, task, run)
+            bold = _derivative_bold(deriv_layout, derivatives, space, subject, task, run,
+                                    bold_filter)
             if bold is None:
                 LOGGER.warning("no %s %s BOLD for %s in %s: skipped", derivatives, space,
                                os.path.basename(raw_name), deriv_root)
@@ -438,7 +584,8 @@ def find_scans(
             )
         specs.append(spec)
     if deriv_layout is not None:
-        _skipped_without_events(deriv_layout, subjects, tasks, with_events, skipped)
+        _skipped_without_events(deriv_layout, subjects, tasks, with_events, skipped,
+                                {**scan_filter, **bold_filter})
     if participant_labels and specs:
         missing = sorted(set(subjects) - {s.subject for s in specs})
         if missing:
@@ -457,9 +604,11 @@ def find_scans(
     return specs
 
 
-def _skipped_without_events(deriv_layout, subjects, tasks, with_events, skipped) -> None:
+def _skipped_without_events(deriv_layout, subjects, tasks, with_events, skipped,
+                            bids_filter: dict | None = None) -> None:
     """Derivative BOLD scans with no events.tsv in the raw dataset: said, not dropped silently."""
-    for f in deriv_layout.get(subject=subjects, task=tasks, suffix="bold"):
+    query = {k: v for k, v in (bids_filter or {}).items() if k not in ("subject", "task")}
+    for f in deriv_layout.get(subject=subjects, task=tasks, suffix="bold", **query):
         ent = f.get_entities()
         run = int(ent["run"]) if ent.get("run") is not None else None
         key = (ent.get("subject"), ent.get("task"), run)
@@ -607,6 +756,8 @@ __all__ = [
     "AppError",
     "ScanSpec",
     "find_scans",
+    "load_bids_filters",
+    "load_layout",
     "read_gentle",
     "words_in_scan_time",
     "find_alignment",

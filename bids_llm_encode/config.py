@@ -20,6 +20,10 @@ class Settings:
     space: str = "MNI152NLin2009cAsym"
     exclude: bool = True
     skip_bids_validation: bool = False
+    # fMRIPrep's --bids-filter-file: JSON of pybids queries per input kind ("bold", "events")
+    bids_filter_file: Path | None = None
+    # a pybids index (sqlite) kept between runs, so that SLURM array jobs index once
+    bids_database_dir: Path | None = None
     # write into an output_dir made by another version of bids_llm_encode (warns)
     force_version_mix: bool = False
     trust_sidecar: bool = False  # sidecar and header TR disagree: use the sidecar's
@@ -68,7 +72,9 @@ class Settings:
     # another participant or with more processes finds the finished nodes cached.
     EXECUTION_ONLY = ("analysis_level", "participant_label", "work_dir", "nprocs",
                       "omp_nthreads", "mem_mb", "use_plugin", "verbose",
-                      "force_version_mix", "max_unusable_words")
+                      "force_version_mix", "max_unusable_words",
+                      # which scans run, not what a scan's nodes compute (as the labels)
+                      "bids_filter_file", "bids_database_dir")
 
     def node_threads(self) -> int:
         """Threads (and MultiProc slots) of each heavy node: --omp-nthreads, else all of
@@ -80,6 +86,15 @@ class Settings:
     def trusted_tr(self) -> str | None:
         """bids_inputs.find_scans' ``trust_tr``: "sidecar", "header" or None."""
         return "sidecar" if self.trust_sidecar else "header" if self.trust_header else None
+
+    def scan_query(self) -> dict:
+        """The keyword arguments of bids_inputs.find_scans that come from the settings."""
+        from .bids_inputs import load_bids_filters
+
+        return dict(derivatives=self.derivatives, space=self.space, exclude=self.exclude,
+                    validate=not self.skip_bids_validation, trust_tr=self.trusted_tr(),
+                    bids_filters=load_bids_filters(self.bids_filter_file),
+                    database_dir=self.bids_database_dir)
 
     def node_inputs(self) -> dict:
         """The settings a node receives (and hashes): :meth:`to_json` less EXECUTION_ONLY."""
@@ -113,7 +128,8 @@ class Settings:
         """The inverse of :meth:`to_json` (nipype nodes receive settings as a dict)."""
         data = dict(data)
         data.setdefault("analysis_level", [])
-        for key in ("bids_dir", "output_dir", "work_dir", "use_plugin"):
+        for key in ("bids_dir", "output_dir", "work_dir", "use_plugin", "bids_filter_file",
+                    "bids_database_dir"):
             if data.get(key) is not None:
                 data[key] = Path(data[key])
         return cls(**data)

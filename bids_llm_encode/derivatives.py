@@ -179,7 +179,8 @@ def bids_uri(path, bids_dir) -> str:
     return path.name
 
 
-SETTINGS_PATHS = ("bids_dir", "output_dir", "work_dir", "use_plugin")
+SETTINGS_PATHS = ("bids_dir", "output_dir", "work_dir", "use_plugin", "bids_filter_file",
+                  "bids_database_dir")
 
 
 def relative_settings(settings: dict, output_dir=None) -> dict:
@@ -351,9 +352,9 @@ REFERENCES = {
     "seitzman2018": "Seitzman BA, Gratton C, Marek S, et al. (2020). A set of "
     "functionally-defined brain regions with improved representation of the subcortex and "
     "cerebellum. NeuroImage 206, 116290. doi:10.1016/j.neuroimage.2019.116290",
-    "nct2024": "Kong R, Spreng RN, Xue A, et al. (2024). A network correspondence toolbox "
-    "for quantitative evaluation of novel neuroimaging results. bioRxiv (Nature "
-    "Communications, 2025).",
+    "nct2024": "Kong R, Spreng RN, Xue A, et al. (2025). A network correspondence toolbox "
+    "for quantitative evaluation of novel neuroimaging results. Nature Communications 16, "
+    "2930. doi:10.1038/s41467-025-58176-9",
     "brainsmash": "Burt JB, Helmer M, Shinn M, Anticevic A, Murray JD (2020). Generative "
     "modeling of brain maps with spatial autocorrelation. NeuroImage 220, 117038. "
     "doi:10.1016/j.neuroimage.2020.117038",
@@ -393,7 +394,8 @@ def methods_paragraphs(settings: dict) -> tuple[list[str], list[str]]:
         refs += _atlas_refs(atlas)
     null = get("null") or "shift"
     if null == "shift" and str(get("space", "")) != "fsaverage6":
-        refs.append("brainsmash")  # variogram-matched spatial surrogates on volumes
+        # variogram-preserving spatial surrogates on volumes (validated against brainsmash)
+        refs.append("brainsmash")
     refs = list(dict.fromkeys(refs))
     n_atoms = get("n_atoms")
     n_atoms_text = ("chosen automatically (held-out reconstruction error and seed "
@@ -431,7 +433,7 @@ def methods_paragraphs(settings: dict) -> tuple[list[str], list[str]]:
         f"{get('map_threshold')} and compared with the functional brain networks of "
         f"{', '.join(atlases) or 'the given atlases'} by Dice overlap; significance came "
         f"from {get('n_null')} {'circular time shifts of the BOLD against the atoms, refitted' if null == 'shift' else 'spins on the sphere'}"
-        f"{', and variogram-matched spatial surrogates (brainsmash; Burt et al., 2020)' if 'brainsmash' in refs else ''}"
+        f"{', and variogram-preserving spatial surrogate maps (3-D spectral randomisation with rank remapping, checked against brainsmash; Burt et al., 2020)' if 'brainsmash' in refs else ''}"
         ", family-wise over atoms, directions, atlases and networks. Images were handled "
         "with nilearn and the workflow was run with nipype.",
         "This text was generated automatically with the run's parameters, under the CC0 "

@@ -158,17 +158,20 @@ def _admissible_shifts(T: int, min_shift) -> int | None:
 
 
 def spatial_null(geom, seed: int, n_null: int = N_SPATIAL_NULL):
-    """(null, description) for p_space: variogram-matched surrogates (volumes) or spins
-    (surfaces; None when the fsaverage sphere cannot be had offline)."""
-    from .networks import VariogramNull
+    """(null, description) for p_space: spectral surrogates that keep each map's power
+    spectrum (variogram) and values (volumes; networks.SpectralNull, validated against
+    brainsmash's VariogramNull in tests/test_spatial_nulls.py) or spins (surfaces; None
+    when the fsaverage sphere cannot be had offline)."""
+    from .networks import SpectralNull
 
     if geom.kind == "surface":
         try:
             return spin_null(geom, n_null=n_null, seed=seed), f"spin ({n_null} rotations)"
         except AppError as exc:
             return None, f"none: {exc}"
-    return (VariogramNull.from_mask(geom.mask_img, n_null=n_null, seed=seed),
-            f"variogram-matched surrogates (brainsmash Sampled, {n_null} per atom)")
+    return (SpectralNull.from_mask(geom.mask_img, n_null=n_null, seed=seed),
+            f"variogram-preserving surrogates (3-D spectral randomisation with rank "
+            f"remapping, draws shared across atoms, {n_null} per atom)")
 
 
 def spin_null(geom, n_null: int, seed: int):
@@ -202,3 +205,38 @@ def load_atlases(specs, labels, geom):
         lab = None if is_named_atlas(spec) else next(label_iter, None)
         out.append(load_atlas(spec, ref, mask, labels=lab))
     return out
+
+
+def scan_label_persistence(responses: np.ndarray, reference_loadings, reference_networks,
+                           *, n_atoms: int, alpha, seed: int, ks, seeds=None,
+                           encode_kw: dict, label_kw: dict, learn_kw: dict | None = None,
+                           n_random: int = 200) -> pd.DataFrame:
+    """--dictionary-stability with label persistence for one scan: the dictionary of
+    ``responses`` (TRs x ANs, the ANs the reported fit used) re-fitted for every k in ``ks``
+    and seed (dictionary.stability.seed_k_stability); each re-fit's atoms are encoded
+    (:func:`fit_atom_encoding` with ``encode_kw``) and labelled (:func:`label_participant`
+    with ``label_kw``) on this scan's BOLD exactly as the reported atoms were, and compared
+    with ``reference_networks`` (the scan's networks table, atoms 1-based): columns of
+    seed_k_stability plus ``n_labelled label_kept``. Cost: one encoding and one labelling
+    per re-fit."""
+    import tempfile
+    from pathlib import Path
+
+    from .dictionary.stability import seed_k_stability
+
+    def label_refit(atoms):
+        with tempfile.TemporaryDirectory() as tmp:
+            res, _ = fit_atom_encoding(atoms=np.asarray(atoms, np.float32), **encode_kw)
+            a_path, m_path = Path(tmp) / "atoms.npy", Path(tmp) / "maps.npz"
+            np.save(a_path, np.asarray(atoms, np.float32))
+            np.savez(m_path, **res["maps"])
+            table, _ = label_participant(atoms=a_path, maps=m_path, **label_kw)
+        return table
+
+    kw = dict(learn_kw or {})
+    if alpha is not None:
+        kw["alpha"] = alpha
+    return seed_k_stability(responses, int(n_atoms), int(seed), ks=ks, seeds=seeds,
+                            reference=reference_loadings, n_random=n_random,
+                            labels_reference=reference_networks, label_refit=label_refit,
+                            **kw)

@@ -13,6 +13,12 @@ global component, noise smoothness, seed) so tests can check recovery.
 
 The grid is nilearn's bundled MNI152 2009 template resampled to ``resolution`` mm (default
 4 mm); files are labelled ``space-MNI152NLin2009cAsym`` like Narratives' derivatives.
+
+With ``space="fsaverage6"`` the afni-nosmooth derivatives also hold Narratives' surface
+files, ``..._space-fsaverage6_hemi-{L,R}_desc-clean.func.gii`` (one data array per TR,
+40,962 vertices per hemisphere, the medial wall NaN): the same planted signals on the
+bundled kong2019 fsaverage6 labels (read here with numpy from the package's .npz), on
+white noise, AR(1) in time (no mesh is bundled, so no spatial smoothing on the surface).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .bids_inputs import VOLUME_SPACE, read_gentle, words_in_scan_time
+from .bids_inputs import SURFACE_SPACE, VOLUME_SPACE, read_gentle, words_in_scan_time
 from .derivatives import write_json
 from .errors import UsageError
 
@@ -182,6 +188,48 @@ def _bundled_labels(mask_img):
                             strict=True))
 
 
+FSAVERAGE6_VERTICES = 40962  # per hemisphere
+
+
+def _bundled_surface_labels():
+    """The bundled kong2019 labels on fsaverage6, read with numpy and pandas only (not the
+    app's atlas loader): (labels over L+R vertices, 0 = medial wall; index -> name)."""
+    base = resources.files("bids_llm_encode.data").joinpath("atlases")
+    with np.load(str(base.joinpath("tpl-fsaverage6_atlas-kong2019_dseg.npz"))) as z:
+        labels = np.concatenate([z["lh"], z["rh"]]).astype(np.int32)
+    table = pd.read_csv(str(base.joinpath("tpl-FSLMNI2mm_atlas-kong2019_res-02_dseg.tsv")),
+                        sep="\t")
+    if labels.size != 2 * FSAVERAGE6_VERTICES:
+        raise UsageError(f"bundled fsaverage6 labels have {labels.size} vertices, expected "
+                         f"2 x {FSAVERAGE6_VERTICES}")
+    return labels, dict(zip(table["index"].astype(int), table["name"].astype(str),
+                            strict=True))
+
+
+def surface_noise(rng, n_vertices: int, n_trs: int, rho: float = 0.3) -> np.ndarray:
+    """Unit-variance white noise over vertices, AR(1) in time (float32, T x V)."""
+    out = np.empty((n_trs, n_vertices), dtype=np.float32)
+    prev = None
+    for t in range(n_trs):
+        field = rng.standard_normal(n_vertices, dtype=np.float32)
+        prev = field if prev is None else rho * prev + math.sqrt(1 - rho**2) * field
+        out[t] = prev
+    out -= out.mean(0)
+    out /= out.std(0) + 1e-12
+    return out
+
+
+def _write_func_gii(path: Path, data: np.ndarray, tr: float) -> None:
+    """(T x V) -> a GIFTI with one float32 data array per TR (Narratives' layout)."""
+    import nibabel as nib
+
+    meta = {"TimeStep": f"{tr * 1000:g}"}  # ms, as FreeSurfer / AFNI write it
+    arrays = [nib.gifti.GiftiDataArray(np.ascontiguousarray(row), intent="NIFTI_INTENT_TIME_SERIES",
+                                       datatype="NIFTI_TYPE_FLOAT32", meta=meta)
+              for row in data]
+    nib.save(nib.GiftiImage(darrays=arrays), str(path))
+
+
 # --------------------------------------------------------------------------- writer
 def _write_silent_wav(path: Path, seconds: float, rate: int = 1000) -> None:
     """The events' stim_file must exist (BIDS validator): a silent 8-bit mono WAV of the
@@ -234,6 +282,7 @@ def _simulate_into(
     global_amp: float = 0.0,
     noise_fwhm: float = DEFAULT_NOISE_FWHM_MM,
     planted_layers: str | None = None,
+    space: str = VOLUME_SPACE,
 ) -> dict:
     """Write the dataset and return the ground truth (also in sourcedata/ground_truth.json)."""
     import nibabel as nib
@@ -248,6 +297,13 @@ def _simulate_into(
     if snr <= 0:
         raise UsageError("--snr must be > 0 (variance ratio of signal to noise)")
     plants = [Planted.parse(p) if isinstance(p, str) else p for p in planted]
+    if space not in (VOLUME_SPACE, SURFACE_SPACE):
+        raise UsageError(f"--space {space!r}: choose {VOLUME_SPACE} (volumes) or "
+                         f"{SURFACE_SPACE} (volumes and fsaverage6 surfaces)")
+    surface = space == SURFACE_SPACE
+    if surface and str(atlas).lower() != DEFAULT_SIM_ATLAS:
+        raise UsageError(f"--space {SURFACE_SPACE} plants networks of the bundled "
+                         f"{DEFAULT_SIM_ATLAS} atlas only (its fsaverage6 labels); drop --atlas")
     rng = np.random.default_rng(seed)
 
     # Words and their timing (Gentle time = seconds from the start of the audio).
@@ -300,6 +356,7 @@ def _simulate_into(
         atlas_obj = load_atlas(atlas, mask_img, mask_img)
         atlas_labels, atlas_names = atlas_obj.labels, atlas_obj.names
     names = {v: k for k, v in atlas_names.items()}
+    surf_labels = _bundled_surface_labels()[0] if surface else None
     layer_range = _parse_layers(planted_layers, an_table["layer"].max())
     truth_nets = []
     for i_net, p in enumerate(plants):
@@ -324,8 +381,11 @@ def _simulate_into(
                 an_ids=an_table["an_id"].iloc[idx].tolist(),
                 layers=list(layer_range) if ranged else None,
                 n_voxels=int(voxels.sum()),
+                n_vertices=(int((surf_labels == names[p.network]).sum()) if surface
+                            else None),
                 signal=np.round(signal, 5).tolist(),
                 _voxels=voxels,
+                _vertices=(surf_labels == names[p.network]) if surface else None,
                 _signal=signal,
             )
         )
@@ -353,8 +413,16 @@ def _simulate_into(
     })
     (out / "README").write_text(
         "Simulated Narratives-shaped dataset with planted ground truth "
-        "(sourcedata/ground_truth.json). Made by bids_llm_encode_simulate.\n"
+        "(sourcedata/ground_truth.json). Made by bids_llm_encode_simulate.\n\n"
+        "The BOLD is noise plus, in the planted networks, the response of sub-groups of a "
+        "language model's artificial neurons to the story; derivatives/afni-nosmooth holds "
+        "the same data in Narratives' derivative layout.\n"
     )
+    write_json(out / "participants.json", {
+        "task": {"Description": "task label(s) of the participant's scans"}})
+    write_json(out / "scans.json", {
+        "condition": {"Description": "Narratives' stimulus condition of the scan (n/a: "
+                                     "the task has one version)"}})
     subjects = [f"{i + 1:03d}" for i in range(n_participants)]
     pd.DataFrame({"participant_id": [f"sub-{s}" for s in subjects], "task": task}).to_csv(
         out / "participants.tsv", sep="\t", index=False
@@ -376,9 +444,39 @@ def _simulate_into(
         "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "bids_llm_encode_simulate"}],
     })
+    (deriv / "README").write_text(
+        "Simulated afni-nosmooth derivatives (bids_llm_encode_simulate): the BOLD with "
+        "planted network signals on noise, already 'clean' (no confounds to regress), "
+        "in Narratives' file layout. See ../../sourcedata/ground_truth.json.\n")
     tpl = deriv / f"tpl-{VOLUME_SPACE}"
     tpl.mkdir(parents=True, exist_ok=True)
-    nib.save(mask_img, tpl / f"tpl-{VOLUME_SPACE}_res-{task}_desc-brain_mask.nii.gz")
+    mask_name = f"tpl-{VOLUME_SPACE}_res-{task}_desc-brain_mask.nii.gz"
+    mask_img.header.set_xyzt_units("mm")
+    nib.save(mask_img, tpl / mask_name)
+    template_uri = (f"https://templateflow.s3.amazonaws.com/tpl-{VOLUME_SPACE}/"
+                    f"tpl-{VOLUME_SPACE}_res-01_T1w.nii.gz")
+    grid = (f"nilearn's bundled MNI152 2009 brain mask resampled to {resolution} mm "
+            "(the simulation grid)")
+    write_json(tpl / mask_name.replace(".nii.gz", ".json"), {
+        "Description": f"Brain mask of the simulated {task} grid: {grid}.",
+        "Type": "Brain",
+        "Sources": ["nilearn:datasets.load_mni152_brain_mask"],
+        "SpatialReference": template_uri,
+        "Resolution": {task: f"{resolution} mm isotropic: the grid of every "
+                             f"simulated {task} BOLD"},
+    })
+    if surface:
+        # Narratives names its surface BOLD without a BIDS suffix (..._desc-clean.func.gii):
+        # kept here for fidelity, so the validator is told to skip those files. (Its
+        # .bidsignore matching is narrow: this pattern is the one it was seen to honour.)
+        (deriv / ".bidsignore").write_text("*space-fsaverage6_hemi*\n")
+    surf_sidecar = {
+        "Description": "Simulated fsaverage6 surface BOLD (one data array per TR, medial "
+                       "wall NaN): planted network signals on white noise, AR(1) in time.",
+        "RepetitionTime": tr, "TaskName": task, "SkullStripped": False,
+        "SpatialReference": "https://templateflow.s3.amazonaws.com/tpl-fsaverage/"
+                            "tpl-fsaverage_hemi-L_den-41k_sphere.surf.gii",
+    }
 
     amplitudes = {}
     for s in subjects:
@@ -409,7 +507,35 @@ def _simulate_into(
         nib.save(raw, func / f"{stem}_bold.nii.gz")
         dfunc = deriv / f"sub-{s}" / "func"
         dfunc.mkdir(parents=True, exist_ok=True)
-        nib.save(img, dfunc / f"{stem}_space-{VOLUME_SPACE}_res-native_desc-clean_bold.nii.gz")
+        dname = f"{stem}_space-{VOLUME_SPACE}_res-native_desc-clean_bold.nii.gz"
+        nib.save(img, dfunc / dname)
+        write_json(dfunc / dname.replace(".nii.gz", ".json"), {
+            "Description": "Simulated BOLD: planted network signals on spatially smooth, "
+                           "AR(1) noise (sourcedata/ground_truth.json).",
+            "RepetitionTime": tr, "TaskName": task, "SkullStripped": True,
+            "Resolution": {"native": f"the simulation grid, {resolution} mm isotropic"},
+            "SpatialReference": f"bids::tpl-{VOLUME_SPACE}/{mask_name}",
+        })
+        del data, vol, img, raw
+        if surface:
+            sdata = surface_noise(rng, surf_labels.size, n_trs)
+            if global_truth is not None:
+                sdata += (amp * global_amp * global_truth["_signal"][:, None]).astype(np.float32)
+            for net in truth_nets:
+                sdata[:, net["_vertices"]] += (
+                    net["sign"] * amp * math.sqrt(snr) * net["_signal"][:, None]
+                ).astype(np.float32)
+            sdata *= 10.0
+            sdata += 1000.0
+            sdata[:, surf_labels == 0] = np.nan  # medial wall, as in Narratives' GIFTIs
+            for h, block in (("L", sdata[:, :FSAVERAGE6_VERTICES]),
+                             ("R", sdata[:, FSAVERAGE6_VERTICES:])):
+                sname = f"{stem}_space-{SURFACE_SPACE}_hemi-{h}_desc-clean"
+                _write_func_gii(dfunc / f"{sname}.func.gii", block, tr)
+                write_json(dfunc / f"{sname}.json", surf_sidecar | (
+                    {"SpatialReference": surf_sidecar["SpatialReference"].replace(
+                        "hemi-L", f"hemi-{h}")}))
+            del sdata
 
     truth = {
         "task": task,
@@ -423,6 +549,12 @@ def _simulate_into(
         "tr": tr,
         "n_trs": n_trs,
         "resolution_mm": resolution,
+        "space": space,
+        "surface": ({"vertices_per_hemisphere": FSAVERAGE6_VERTICES,
+                     "medial_wall_vertices": int((surf_labels == 0).sum()),
+                     "labels": "bundled kong2019 fsaverage6 (.npz)",
+                     "noise": "white over vertices (no mesh: not spatially smooth), AR(1) "
+                              "0.3 in time, unit variance per vertex"} if surface else None),
         "atlas": str(atlas),
         "noise": {"fwhm_mm": noise_fwhm,
                   "sigma_voxels": noise_fwhm / FWHM_PER_SIGMA / resolution,

@@ -16,7 +16,12 @@
 #      `unshare --net`, which is what --network none does): the ENTRYPOINT's `--version`
 #      (must equal bids_llm_encode.__version__), a check that the network really is off,
 #      `bids_llm_encode_simulate` (2 participants, 8 mm), then `participant` and `group`
-#      on it, and checks on the outputs.
+#      on it, and checks on the outputs;
+#   5. `bids-validator-deno` (installed in the image, pinned as the [test] extra) inside the
+#      image, network off, on its own derivatives and on the simulated input (-r): any
+#      error fails the step.
+# The build passes TEMPLATEFLOW_PREFETCH="" (the build reaches only the package registries,
+# not TemplateFlow's S3): the smoke image holds the TemplateFlow skeleton only.
 #
 # Needs: podman, buildah, debootstrap (apt-get install -y podman buildah debootstrap).
 # Environment: SMOKE_DIR (default /tmp/bids_llm_encode_smoke: wheelhouse, rootfs, data),
@@ -104,6 +109,7 @@ build_args=(
   --build-arg "VERSION=${VERSION}"
   --build-arg "TORCH_INDEX="
   --build-arg "WHEELHOUSE=/wheelhouse"
+  --build-arg "TEMPLATEFLOW_PREFETCH="
 )
 mounts=(-v "${wheelhouse}:/wheelhouse:ro")
 if [ -f "$CA_BUNDLE" ]; then
@@ -176,6 +182,24 @@ grep -q "bidsllmencode/bids_llm_encode:${VERSION}" "$data/out/dataset_descriptio
   || fail "dataset_description.json does not name the container"
 ls "$data"/out/group/*_networks.tsv >/dev/null 2>&1 || fail "no group *_networks.tsv"
 find "$data/out" -maxdepth 2 | sort | head -40
+done_step
+
+# 5. The BIDS validator of the image on the image's own outputs (and on its input).
+step "inside: bids-validator-deno on /data/out and -r /data/bids"
+crun /opt/venv/bin/bids-validator-deno --version || fail "no bids-validator-deno in the image"
+for target in /data/out "-r /data/bids"; do
+  name="$(echo "$target" | tr -c 'a-z0-9' '_')"
+  # shellcheck disable=SC2086  # "-r /data/bids" is two words on purpose
+  crun /opt/venv/bin/bids-validator-deno --format json $target \
+    > "$SMOKE_DIR/validator${name}.json" 2> "$SMOKE_DIR/validator${name}.log" || true
+  n_errors="$("$PY" -c 'import json, sys
+issues = json.load(open(sys.argv[1]))["issues"]["issues"]
+bad = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
+print(len(bad)); [print(c, loc, file=sys.stderr) for c, loc in bad[:20]]' \
+    "$SMOKE_DIR/validator${name}.json")" || fail "bids-validator-deno gave no JSON for ${target} (log: $SMOKE_DIR/validator${name}.log)"
+  echo "bids-validator-deno ${target}: ${n_errors} errors"
+  [ "$n_errors" = 0 ] || fail "bids-validator-deno: ${n_errors} errors in ${target} (json: $SMOKE_DIR/validator${name}.json)"
+done
 done_step
 
 echo

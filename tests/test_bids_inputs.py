@@ -183,3 +183,96 @@ def test_query_fsaverage6_gifti(narratives_copy):
         paths.append(str(narratives_copy / f"map_hemi-{hemi}.func.gii"))
         nib.save(img, paths[-1])
     np.testing.assert_array_equal(geom.from_images(paths)[0], np.arange(90))
+
+
+# --------------------------------------------------------------------------- --bids-filter-file
+def _events_runs(root, pattern):
+    """The oracle: scans named by glob over the real tree (no pybids)."""
+    return sorted(p.name.replace("_events.tsv", "") for p in root.glob(f"sub-*/func/{pattern}"))
+
+
+@requires_shared
+def test_bids_filter_selects_runs_on_real_narratives():
+    """fMRIPrep semantics on the real tree: {"bold": {"run": 1}} keeps the run-1 scans,
+    run null keeps the scans without a run entity, "events" narrows subjects and tasks."""
+    run1 = find_scans(NARRATIVES, task_labels=["pieman"], require_images=False,
+                      bids_filters={"bold": {"run": 1}})
+    assert sorted(s.scan_id for s in run1) == _events_runs(NARRATIVES,
+                                                           "*task-pieman_run-1_events.tsv")
+    assert len(run1) == 14
+    no_run = find_scans(NARRATIVES, task_labels=["pieman"], require_images=False,
+                        bids_filters={"bold": {"run": None}})
+    assert sorted(s.scan_id for s in no_run) == _events_runs(NARRATIVES,
+                                                             "*task-pieman_events.tsv")
+    assert len(no_run) == 96 - 2 * 14
+    two = find_scans(NARRATIVES, require_images=False,
+                     bids_filters={"events": {"subject": ["001", "002"], "task": "pieman"}})
+    assert [s.scan_id for s in two] == ["sub-001_task-pieman_run-1", "sub-001_task-pieman_run-2",
+                                        "sub-002_task-pieman_run-1", "sub-002_task-pieman_run-2"]
+    with pytest.raises(NoMatchError, match="bids-filter-file leaves no task"):
+        find_scans(NARRATIVES, task_labels=["pieman"], require_images=False,
+                   bids_filters={"bold": {"task": "lucy"}})
+
+
+def test_bids_filter_applies_to_the_preprocessed_bold(narratives_copy):
+    add_clean_bold(narratives_copy, "001", "pieman", run=1)
+    add_clean_bold(narratives_copy, "001", "pieman", run=2)
+    specs = find_scans(narratives_copy, ["001"], ["pieman"], bids_filters={"bold": {"run": 2}})
+    assert [s.run for s in specs] == [2]
+    assert os.path.basename(specs[0].bold[0]).startswith("sub-001_task-pieman_run-2_space-")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"T1w": {"run": 1}}', "unknown input kind 'T1w'"),
+    ('{"bold": {"sesion": "01"}}', "bold.sesion is not a pybids entity"),
+    ('{"bold": {"space": "MNI"}}', "use --space"),
+    ('{"bold": {"run": {"a": 1}}}', "must be a string, an integer"),
+    ('{"bold": [1]}', "must map entity names"),
+])
+def test_bad_bids_filter_file_one_line(tmp_path, text, says):
+    from bids_llm_encode.bids_inputs import load_bids_filters
+    from bids_llm_encode.errors import UsageError
+
+    path = tmp_path / "filter.json"
+    path.write_text(text)
+    with pytest.raises(UsageError) as err:
+        load_bids_filters(path)
+    msg = str(err.value)
+    assert says in msg and str(path) in msg and "\n" not in msg
+    assert err.value.exit_code == 64
+    with pytest.raises(MissingInputError, match="does not exist"):
+        load_bids_filters(tmp_path / "none.json")
+
+
+# --------------------------------------------------------------------------- --bids-database-dir
+def test_bids_database_dir_built_once_then_loaded(narratives_copy, tmp_path):
+    """The first run indexes into the folder; a later run loads that index (it does not
+    re-index: a scan added since is invisible until the folder is deleted, and the sqlite
+    file is not rewritten); an existing empty folder is fine."""
+    import time
+
+    db = tmp_path / "pybids_db"
+    db.mkdir()  # safe if it already exists
+    t0 = time.perf_counter()
+    first = find_scans(narratives_copy, task_labels=["pieman"], require_images=False,
+                       database_dir=db)
+    t_build = time.perf_counter() - t0
+    (index,) = db.glob("*/layout_index.sqlite")
+    stamp = (index.stat().st_mtime_ns, index.stat().st_size)
+    assert not [p for p in db.iterdir() if p.name.startswith(".")]  # no temp folder left
+    # a new scan appears on disk after indexing
+    func = narratives_copy / "sub-001" / "func"
+    for suffix in ("events.tsv", "bold.json"):
+        src = func / f"sub-001_task-pieman_run-1_{suffix}"
+        (func / f"sub-001_task-pieman_run-3_{suffix}").write_bytes(src.read_bytes())
+    t0 = time.perf_counter()
+    again = find_scans(narratives_copy, task_labels=["pieman"], require_images=False,
+                       database_dir=db)
+    t_load = time.perf_counter() - t0
+    assert [s.scan_id for s in again] == [s.scan_id for s in first]  # loaded, not re-indexed
+    assert (index.stat().st_mtime_ns, index.stat().st_size) == stamp
+    fresh = find_scans(narratives_copy, task_labels=["pieman"], require_images=False)
+    assert len(fresh) == len(first) + 1  # without the database the new scan is seen
+    print(f"index built in {t_build:.2f} s, loaded in {t_load:.2f} s")

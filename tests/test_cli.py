@@ -224,3 +224,31 @@ def test_help_and_errors_document_65_and_73(capsys):
     assert "65 input data unusable" in text and "73 cannot create" in text
     assert errors.InputDataError("x").exit_code == errors.EXIT_DATA_ERROR == 65
     assert errors.OutputError("x").exit_code == errors.EXIT_CANT_CREATE == 73
+
+
+def test_bad_bids_filter_file_one_line_before_any_work(tmp_path, capsys):
+    """A filter file with an unknown kind: exit 64, one line naming the file, nothing written;
+    both options reach Settings (as execution-only: they select scans, like the labels)."""
+    from bids_llm_encode.cli.run import settings_from_args
+    from bids_llm_encode.config import Settings
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.8.0"}')
+    bad = tmp_path / "filter.json"
+    bad.write_text('{"bold": {"run": 1}, "anat": {}}')
+    code = main([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                 "--bids-filter-file", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 64 and err.count("\n") == 1 and str(bad) in err and "'anat'" in err
+    assert not (tmp_path / "out").exists()
+    good = tmp_path / "ok.json"
+    good.write_text('{"bold": {"run": 1}}')
+    args = build_parser().parse_args([str(bids), str(tmp_path / "out"), "participant",
+                                      "-w", str(tmp_path / "w"), "--bids-filter-file",
+                                      str(good), "--bids-database-dir", str(tmp_path / "db")])
+    settings = settings_from_args(args)
+    assert settings.bids_filter_file == good and settings.bids_database_dir == tmp_path / "db"
+    assert settings.scan_query()["bids_filters"] == {"bold": {"run": 1}}
+    assert {"bids_filter_file", "bids_database_dir"} <= set(Settings.EXECUTION_ONLY)
+    assert Settings.from_dict(settings.to_json()).bids_filter_file == good

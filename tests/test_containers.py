@@ -139,7 +139,12 @@ def test_dockerfile_runtime_settings():
     assert args["VERSION"] == __version__, "Dockerfile ARG VERSION != bids_llm_encode.__version__"
     assert args["TORCH_VERSION"] == "2.13.0"
     assert args["TORCH_INDEX"].endswith("/cpu"), "the default build must be the CPU one"
-    assert args["TEMPLATEFLOW_PREFETCH"] == "", "the TemplateFlow prefetch is off by default"
+    # the image bakes what the built-in non-default options need from TemplateFlow
+    prefetch = args["TEMPLATEFLOW_PREFETCH"].split()
+    assert "MNI152NLin2009cAsym:atlas-Schaefer2018,resolution-2" in prefetch
+    assert "fsaverage:density-41k,suffix-sphere,extension-.surf.gii" in prefetch
+    assert args["TEMPLATEFLOW_SPEC"] == "templateflow==24.2.2"
+    assert args["BIDS_VALIDATOR_SPEC"] == _test_extra_pin("bids-validator-deno")
     assert "PIP_CERT" in args and args["PIP_CERT"] == ""
 
     labels = " ".join(_instructions("LABEL"))
@@ -348,14 +353,32 @@ def test_bosh_exec_with_defaults_only(tmp_path):
 
 # ---------------------------------------------------------------- smoke script, docs
 
+def _test_extra_pin(name: str) -> str:
+    import tomllib
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["test"]
+    return next(d for d in extra if d.split("=")[0].split(">")[0].strip() == name)
+
+
 def test_smoke_script_shape():
     text = SMOKE.read_text()
     res = subprocess.run(["bash", "-n", str(SMOKE)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     for needed in ("--isolation=chroot", "--storage-driver vfs", "--pull=never",
                    "unshare --net", "PIP_CERT=", "debootstrap", "podman", "import",
-                   " participant ", " group ", "--version", "bids_llm_encode_simulate"):
+                   " participant ", " group ", "--version", "bids_llm_encode_simulate",
+                   '--build-arg "TEMPLATEFLOW_PREFETCH="'):
         assert needed in text, needed
+    # the validator of the image runs inside it (crun: network off) on its own outputs
+    # and on the simulated input, after the group level, and any error fails the step
+    lines = text.splitlines()
+    group = next(i for i, ln in enumerate(lines) if "crun" in ln and " group " in ln)
+    runs = [i for i, ln in enumerate(lines)
+            if ln.lstrip().startswith("crun /opt/venv/bin/bids-validator-deno --format json")]
+    assert runs and runs[0] > group
+    assert 'for target in /data/out "-r /data/bids"' in text
+    assert '[ "$n_errors" = 0 ] || fail' in text
 
 
 def test_docs_containers():

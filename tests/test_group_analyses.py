@@ -193,9 +193,11 @@ def test_group_step_writes_the_tables_and_the_report_draws_them(tmp_path):
                           for a in (3, 7)]) for _ in range(3)]
     coefs = [np.random.default_rng(i).standard_normal((K, 30)) for i in range(3)]
     settings = SimpleNamespace(output_dir=str(tmp_path), n_null=200, seed=0)
-    written = _write_paper_analyses(settings, tmp_path / "group", "task-story_space-X_model-m",
-                                    group, zero_based, A, coefs, "story", "m",
-                                    [{"atoms_file": "atoms/task-story_model-m_atoms.tsv"}])
+    written, measures = _write_paper_analyses(
+        settings, tmp_path / "group", "task-story_space-X_model-m", group, zero_based, A,
+        coefs, "story", "m", [{"atoms_file": "atoms/task-story_model-m_atoms.tsv"}])
+    assert all(v.shape == (3,) for v in measures.values())
+    assert (measures["n_networks"] == 1).all()
     names = sorted(p.name for p in map(__import__("pathlib").Path, written))
     assert names == [f"task-story_space-X_model-m_{s}.tsv" for s in
                      ("agreement", "consistency", "diversity", "layers")]
@@ -214,3 +216,68 @@ def test_group_step_writes_the_tables_and_the_report_draws_them(tmp_path):
     draw_consistency_diversity(cons, div, agree, tmp_path / "cons.png")
     for name in ("layers.png", "cons.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_measures_per_participant_against_hand_references():
+    """model_measures: one value per participant; references computed here with numpy."""
+    from bids_llm_encode.group.analyses import model_measures
+
+    L, units = planted_dictionary()
+    A = correlated_atoms(k=K, members=(3, 7, 11))
+    parts = [_table([(a, "kong", "DefaultA", "activated", 0.01, True) for a in (3, 7, 11)]
+                    + [(1, "kong", "Language", "deactivated", 0.02, True)]),
+             _table([(a, "kong", "Language", "activated", 0.01, True) for a in (1, 20)]),
+             _table([(5, "kong", "Visual", "activated", 0.3, False)])]  # nothing labelled
+    coefs = [np.random.default_rng(i).standard_normal((K, 50)) for i in range(3)]
+    m = model_measures(parts, A, coefs, L, units)
+    np.testing.assert_array_equal(m["n_networks"], [2, 1, 0])
+    np.testing.assert_allclose(m["label_entropy"], [-(0.75 * np.log2(0.75)
+                                                      + 0.25 * np.log2(0.25)), 0, 0])
+    # consistency: participant 0 -> DefaultA only (Language has one atom); 1 -> atoms 1, 20
+    c = np.corrcoef(A.T)
+    np.testing.assert_allclose(m["consistency"][:2], [
+        np.mean([c[2, 6], c[2, 10], c[6, 10]]), c[0, 19]])
+    assert np.isnan(m["consistency"][2])
+    # layer depth: participant 1's atoms 1, 20 load on ANs of any layer; participant 0's
+    # DefaultA atoms only on layers 2-4, so its ANs sit shallower and further from all atoms
+    Ld = L.toarray()
+    layers = units["layer"].to_numpy()
+
+    def depth(atoms):
+        used = np.any(Ld[np.array(atoms) - 1] != 0, axis=0)
+        d = np.bincount(layers[used], minlength=N_LAYERS) / PER_LAYER
+        d = d / d.sum()
+        return float((d * np.arange(N_LAYERS) / (N_LAYERS - 1)).sum())
+
+    np.testing.assert_allclose(m["layer_depth"][:2], [depth([1, 3, 7, 11]), depth([1, 20])])
+    assert np.isnan(m["layer_depth"][2]) and m["layer_tvd"][0] > m["layer_tvd"][1]
+    _, loo = spatial_agreement(coefs)
+    np.testing.assert_allclose(m["spatial_agreement"], loo.mean(1))
+
+
+def test_model_comparison_carries_participant_measures_with_cis_and_paired_differences():
+    from bids_llm_encode.errors import InputDataError
+    from bids_llm_encode.group.statistics import model_comparison
+
+    rng = np.random.default_rng(0)
+    P, V, k = 6, 40, 4
+    labels = _table([(0, "kong", "DefaultA", "activated", 0.01, True)])
+
+    def model(depth):
+        return dict(labels=labels, atoms=rng.standard_normal((50, k)),
+                    r2_maps=[rng.standard_normal(V) for _ in range(P)],
+                    reliability_mask=None, participants=[f"s{i}" for i in range(P)],
+                    participant_measures={"layer_depth": depth})
+
+    a = np.linspace(0.5, 0.7, P)
+    df = model_comparison({"a": model(a), "b": model(a - 0.2)}, n_boot=500)
+    long = df.attrs["long"]
+    row = long[(long["model"] == "a") & (long["measure"] == "layer_depth")].iloc[0]
+    assert row["value"] == pytest.approx(a.mean()) and row["ci_low"] < row["value"] < row[
+        "ci_high"] and row["n_participants"] == P
+    paired = df.attrs["paired"]
+    d = paired[paired["figure"] == "layer_depth"].iloc[0]
+    assert d["difference"] == pytest.approx(0.2) and d["n_participants"] == P
+    assert "layer_depth" not in df.columns  # the wide table keeps its columns
+    with pytest.raises(InputDataError, match="layer_depth"):
+        model_comparison({"a": model(a[:3])})

@@ -149,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not check that bids_dir is a BIDS dataset before indexing it",
     )
     g.add_argument(
+        "--bids-filter-file", "--bids_filter_file", type=Path, metavar="FILE",
+        default=Settings.default("bids_filter_file"),
+        help="JSON of pybids queries per input kind, as fMRIPrep's, e.g. "
+        '{"bold": {"session": "01", "run": 1}}; kinds "bold" (the preprocessed BOLD and '
+        'the scans it belongs to) and "events"; null means the entity is absent',
+    )
+    g.add_argument(
+        "--bids-database-dir", "--bids_database_dir", type=Path, metavar="DIR",
+        default=Settings.default("bids_database_dir"),
+        help="keep the pybids index (sqlite) here: the first run builds it, later runs "
+        "(e.g. SLURM array jobs) load it instead of re-indexing; delete it when the "
+        "dataset changes",
+    )
+    g.add_argument(
         "--force-version-mix", action="store_true",
         default=Settings.default("force_version_mix"),
         help="write into an output_dir made by another bids_llm_encode version (its "

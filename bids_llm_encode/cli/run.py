@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..bids_inputs import load_bids_filters
 from ..checks import check_writable
 from ..config import Settings
 from ..errors import (
@@ -21,6 +22,7 @@ from ..errors import (
     UsageError,
 )
 from ..networks import check_atlas_available, has_fsaverage6, is_named_atlas
+from ..networks.atlases import check_schaefer_available
 from .parser import LEVELS, build_parser
 
 LOGGER = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ def settings_from_args(args) -> Settings:
         raise UsageError("--fbn-labels needs one labels file per dseg path given to --fbn-atlas")
     for spec in args.fbn_atlas:  # nct: atlases: known name, files in the toolbox cache
         check_atlas_available(spec)
+        check_schaefer_available(spec)  # schaefer2018-*: from TemplateFlow, or exit 66
     volume_only = [a for a in builtin if not has_fsaverage6(a)]
     if args.space == "fsaverage6" and volume_only:
         raise UsageError(f"--fbn-atlas {' '.join(volume_only)} is a volume atlas; with --space "
@@ -75,8 +78,14 @@ def settings_from_args(args) -> Settings:
         raise MissingInputError(f"--use-plugin file {args.use_plugin} does not exist")
     check_writable(output_dir, "the output folder")  # 73, before any work
     check_writable(work_dir, "the work folder (-w)")
+    load_bids_filters(args.bids_filter_file)  # a bad filter file: one line, before any work
+    if args.bids_database_dir is not None and not args.bids_database_dir.is_dir():
+        check_writable(args.bids_database_dir, "the pybids database folder")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
               if hasattr(args, f.name)}
+    for key in ("bids_filter_file", "bids_database_dir"):
+        if values.get(key) is not None:
+            values[key] = values[key].expanduser().resolve()
     values.update(bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir,
                   analysis_level=list(args.analysis_level),
                   model=list(dict.fromkeys(args.model)))

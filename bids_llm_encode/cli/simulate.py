@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Write a Narratives-shaped BIDS dataset (raw tree, derivatives/afni-nosmooth "
             "volumes on an MNI152NLin2009cAsym grid, brain mask, Gentle alignments, "
-            "code/scan_exclude.json) whose BOLD carries planted network signals built from "
-            "the default model's artificial neurons; sourcedata/ground_truth.json records "
+            "code/scan_exclude.json; with --space fsaverage6 also fsaverage6 GIFTIs) whose "
+            "BOLD carries planted network signals built from the default model's artificial "
+            "neurons; sourcedata/ground_truth.json records "
             "what was planted."
         ),
     )
@@ -66,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model whose neurons make the signal (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=4,
                    help="voxel size in mm of the simulated grid (default: %(default)s)")
+    p.add_argument(
+        "--space", default="MNI152NLin2009cAsym", choices=["MNI152NLin2009cAsym", "fsaverage6"],
+        help="fsaverage6: also write Narratives' surface files (..._space-fsaverage6_hemi-"
+        "{L,R}_desc-clean.func.gii, 40,962 vertices each, medial wall NaN) with the same "
+        "planted networks (bundled kong2019 labels; white noise, AR(1) in time), for "
+        "`bids_llm_encode ... --space fsaverage6` (default: %(default)s: volumes only)",
+    )
     return p
 
 
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             global_amp=args.global_amp,
             noise_fwhm=args.noise_fwhm,
             planted_layers=args.planted_layers,
+            space=args.space,
         )
     except AppError as err:
         print(f"bids_llm_encode_simulate: error: {err}", file=sys.stderr)
@@ -101,3 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         sys.exit(code)
     return code
+
+
+if __name__ == "__main__":
+    main()

@@ -131,11 +131,8 @@ def run_participant(settings: Settings) -> None:
 
     for model in settings.model:  # fail in one line before any work, not inside a node
         check_hub_model(resolve_model(model))
-    specs = find_scans(
-        settings.bids_dir, settings.participant_label, settings.task_label,
-        derivatives=settings.derivatives, space=settings.space, exclude=settings.exclude,
-        validate=not settings.skip_bids_validation, trust_tr=settings.trusted_tr(),
-    )
+    specs = find_scans(settings.bids_dir, settings.participant_label, settings.task_label,
+                       **settings.scan_query())
     check_scans(specs, settings.max_unusable_words)
     with work_lock(settings.work_dir):
         init_derivatives(settings.output_dir, settings.bids_dir,

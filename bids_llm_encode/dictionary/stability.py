@@ -153,14 +153,36 @@ def _summary(df: pd.DataFrame) -> dict:
             "fraction_same_network": float(same.mean()) if same.size else float("nan")}
 
 
+def label_persistence(cmp: pd.DataFrame) -> tuple[int, float]:
+    """(n_labelled, label_kept) of a :func:`compare_dictionaries` table: of the reference
+    atoms carrying a network label (``networks_a`` not empty), the fraction whose matched
+    atom carries at least one of the same labels (an unlabelled match counts as not kept);
+    NaN when no reference atom is labelled."""
+    if not len(cmp):
+        return 0, float("nan")
+    kept = []
+    for na, nb in zip(cmp["networks_a"], cmp["networks_b"]):
+        a = {x for x in str(na).split(",") if x and x != "nan"}
+        b = {x for x in str(nb).split(",") if x and x != "nan"}
+        if a:
+            kept.append(bool(a & b))
+    return len(kept), (float(np.mean(kept)) if kept else float("nan"))
+
+
 def seed_k_stability(X, base_k: int, base_seed: int, ks: Sequence[int] = STABILITY_K,
                      seeds: Sequence[int] | None = None, reference=None, n_random: int = 200,
-                     **learn_kw) -> pd.DataFrame:
+                     labels_reference: pd.DataFrame | None = None, label_refit=None,
+                     q_alpha: float = 0.05, **learn_kw) -> pd.DataFrame:
     """Re-fit the dictionary of ``X`` (TRs x ANs) for every k in ``ks`` (those <= the TRs and
     ANs) and seed in ``seeds`` (default: base_seed and base_seed + 1) and compare each fit
     with the reference fit (k = base_k, seed = base_seed; ``reference``: its loadings if
     already learned). One row per re-fit: ``k seed n_matched mean_loading_r mean_jaccard
-    mean_jaccard_random`` (the reference against itself is left out)."""
+    mean_jaccard_random`` (the reference against itself is left out).
+
+    Label persistence: with ``labels_reference`` (the reference fit's networks table, atoms
+    1-based) and ``label_refit`` (a callable: the re-fit's atoms, TRs x k -> its networks
+    table, labelled the same way as the reference, e.g. encoding + labelling), each row adds
+    ``n_labelled`` and ``label_kept`` (:func:`label_persistence`)."""
     from .learn import learn_dictionary
 
     T, n = np.shape(X)
@@ -168,6 +190,7 @@ def seed_k_stability(X, base_k: int, base_seed: int, ks: Sequence[int] = STABILI
     if reference is None:
         reference = learn_dictionary(X, n_atoms=base_k, seed=base_seed, progress=False,
                                      **learn_kw).loadings
+    labelled = labels_reference is not None and label_refit is not None
     rows = []
     for k in ks:
         if k > min(T, n):
@@ -175,17 +198,22 @@ def seed_k_stability(X, base_k: int, base_seed: int, ks: Sequence[int] = STABILI
         for s in seeds:
             if k == base_k and s == base_seed:
                 continue
-            L = learn_dictionary(X, n_atoms=int(k), seed=int(s), progress=False,
-                                 **learn_kw).loadings
-            cmp = compare_dictionaries(reference, L, n_random=n_random, seed=int(s))
-            rows.append({"k_reference": int(base_k), "seed_reference": int(base_seed),
-                         "k": int(k), "seed": int(s),
-                         **{key: cmp.attrs[key] for key in (
-                             "n_matched", "mean_loading_r", "mean_jaccard",
-                             "mean_jaccard_random")}})
-    return pd.DataFrame(rows, columns=["k_reference", "seed_reference", "k", "seed",
-                                       "n_matched", "mean_loading_r", "mean_jaccard",
-                                       "mean_jaccard_random"])
+            fit = learn_dictionary(X, n_atoms=int(k), seed=int(s), progress=False,
+                                   **learn_kw)
+            cmp = compare_dictionaries(
+                reference, fit.loadings, labels_reference if labelled else None,
+                label_refit(fit.atoms) if labelled else None, q_alpha=q_alpha,
+                n_random=n_random, seed=int(s))
+            row = {"k_reference": int(base_k), "seed_reference": int(base_seed),
+                   "k": int(k), "seed": int(s),
+                   **{key: cmp.attrs[key] for key in (
+                       "n_matched", "mean_loading_r", "mean_jaccard", "mean_jaccard_random")}}
+            if labelled:
+                row["n_labelled"], row["label_kept"] = label_persistence(cmp)
+            rows.append(row)
+    cols = ["k_reference", "seed_reference", "k", "seed", "n_matched", "mean_loading_r",
+            "mean_jaccard", "mean_jaccard_random"]
+    return pd.DataFrame(rows, columns=cols + (["n_labelled", "label_kept"] if labelled else []))
 
 
 def cross_story_stability(L_a, ids_a, labels_a: pd.DataFrame, L_b, ids_b,

@@ -276,6 +276,58 @@ def paper_analyses(group_table: pd.DataFrame, participant_tables: Sequence[pd.Da
     return out
 
 
+#: per-participant measures of :func:`model_measures`, in the model comparison (models.tsv)
+MODEL_MEASURES = ("layer_depth", "layer_tvd", "consistency", "n_networks", "label_entropy",
+                  "spatial_agreement")
+
+
+def model_measures(participant_tables: Sequence[pd.DataFrame], atoms: np.ndarray | None,
+                   coefs: Sequence[np.ndarray], loadings=None,
+                   units: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
+    """Sections 1-2 as one number per participant (NaN where undefined), for the model
+    comparison (bootstrap CIs and paired differences over participants; docs/method.md):
+    ``layer_depth`` (mean relative depth, layer / last layer, of the layer-size-normalised
+    distribution of the ANs of the participant's labelled atoms: comparable across models
+    of different depths), ``layer_tvd`` (its TVD from the distribution of all atoms' ANs),
+    ``consistency`` (mean over the participant's networks with >= 2 atoms of their
+    consistency), ``n_networks``, ``label_entropy`` and ``spatial_agreement`` (mean over
+    atoms of the participant's map correlation with the mean of the others).
+    ``participant_tables``: networks tables with 1-based atoms."""
+    part_nets = [network_atoms(t) for t in participant_tables]
+    P = len(part_nets)
+    out = {name: np.full(P, np.nan) for name in MODEL_MEASURES}
+    have_layers = loadings is not None and units is not None
+    if have_layers:
+        levels, code = np.unique(units["layer"].to_numpy(), return_inverse=True)
+        size = np.bincount(code, minlength=levels.size).astype(float)
+        k = loadings.shape[0]
+        all_dist = layer_distribution(_layer_counts(loadings, np.arange(k), code, levels.size),
+                                      size)
+        depth = (levels - levels.min()) / max(float(levels.max() - levels.min()), 1.0)
+    C = _corr(atoms) if atoms is not None else None
+    for i, nets in enumerate(part_nets):
+        out["n_networks"][i] = float(len(nets))
+        out["label_entropy"][i] = label_entropy(nets)
+        used = sorted({a for signs in nets.values() for a in signs})
+        if have_layers and used:
+            d = layer_distribution(_layer_counts(loadings, np.array(used) - 1, code,
+                                                 levels.size), size)
+            if d.sum() > 0:
+                out["layer_depth"][i] = float((d * depth).sum())
+                out["layer_tvd"][i] = tvd(d, all_dist)
+        if C is not None:
+            cs = [mean_pairwise(C, np.array(list(signs)) - 1, list(signs.values()))
+                  for signs in nets.values() if len(signs) >= 2]
+            if cs:
+                out["consistency"][i] = float(np.mean(cs))
+    if len(coefs) == P and P >= 2:
+        _, loo = spatial_agreement(coefs)
+        with np.errstate(invalid="ignore"):
+            out["spatial_agreement"] = np.nanmean(loo, axis=1) if np.isfinite(loo).any() \
+                else out["spatial_agreement"]
+    return out
+
+
 def _participant_label_fraction(group_table, participant_tables) -> dict[tuple, np.ndarray]:
     """{(atlas, network): per participant, the fraction of the group's labels of that
     network (atom x direction rows) that the participant also carries}."""

@@ -349,7 +349,7 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05,
     if not per_model:
         raise InputDataError("model comparison: no model given")
     rng = np.random.default_rng(seed)
-    rows, per_part = [], {}
+    rows, per_part, extras = [], {}, {}
     for model, res in per_model.items():
         for key in ("labels", "atoms", "r2_maps", "reliability_mask"):
             if key not in res:
@@ -383,7 +383,14 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05,
             frac_p = np.array([t.loc[t["q"] < q_alpha, "atom"].nunique() / k for t in tables])
         else:
             frac_p = np.full(len(r2s), np.nan)
-        per_part[model] = (ids, {"mean_r2_reliable": r2_p, "fraction_atoms_labelled": frac_p})
+        figs = {"mean_r2_reliable": r2_p, "fraction_atoms_labelled": frac_p}
+        for name, values in (res.get("participant_measures") or {}).items():
+            values = np.asarray(values, float)
+            if values.shape != (len(r2s),):
+                raise InputDataError(f"model comparison: measure {name} of {model} has "
+                                     f"{values.size} values for {len(r2s)} participants")
+            figs[name] = values
+        per_part[model] = (ids, figs)
         if k > 1:
             with np.errstate(invalid="ignore", divide="ignore"):
                 c = np.corrcoef(atoms, rowvar=False)
@@ -405,8 +412,10 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05,
             "networks": networks,
             "atoms_per_network": _atoms_per_network(sig, multi),
         }
+        extra = {}
         for name, values in per_part[model][1].items():
-            row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = _bootstrap(
+            target = row if name in PARTICIPANT_FIGURES else extra
+            target[name], target[f"{name}_ci_low"], target[f"{name}_ci_high"] = _bootstrap(
                 values, n_boot, rng)
         row.update({
             "reliability_mask_used": res["reliability_mask"] is not None,
@@ -414,15 +423,19 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05,
             "fraction_atoms_labelled_group": sig["atom"].nunique() / k if k else float("nan"),
         })
         rows.append(row)
+        extras[model] = extra
     df = pd.DataFrame(rows)
     df.attrs["equal_k"] = bool(df["n_atoms"].nunique() == 1)
     long = []
     for row in rows:
+        # participant measures beyond PARTICIPANT_FIGURES (participant_measures): long only
+        more = [n for n in per_part[row["model"]][1] if n not in PARTICIPANT_FIGURES]
+        both = {**row, **extras[row["model"]]}
         for name in (*PARTICIPANT_FIGURES, "fraction_atoms_labelled_group",
-                     "mean_abs_atom_corr", "n_atoms"):
-            long.append({"model": row["model"], "measure": name, "value": row[name],
-                         "ci_low": row.get(f"{name}_ci_low", np.nan),
-                         "ci_high": row.get(f"{name}_ci_high", np.nan),
+                     "mean_abs_atom_corr", "n_atoms", *more):
+            long.append({"model": row["model"], "measure": name, "value": both[name],
+                         "ci_low": both.get(f"{name}_ci_low", np.nan),
+                         "ci_high": both.get(f"{name}_ci_high", np.nan),
                          "n_participants": row["n_participants"]})
     df.attrs["long"] = pd.DataFrame(long, columns=["model", "measure", "value", "ci_low",
                                                    "ci_high", "n_participants"])
@@ -436,7 +449,7 @@ def model_comparison(per_model: Mapping[str, Mapping], q_alpha: float = 0.05,
             common = [(j, pos_b[p]) for j, p in enumerate(ids_a) if p in pos_b]
             ia = np.array([c[0] for c in common], int)
             ib = np.array([c[1] for c in common], int)
-            for name in PARTICIPANT_FIGURES:
+            for name in [n for n in fig_a if n in fig_b]:
                 d = fig_a[name][ia] - fig_b[name][ib]
                 mean, low, high = _bootstrap(d, n_boot, rng)
                 paired.append({"model_a": a, "model_b": b, "figure": name,

@@ -48,7 +48,8 @@ class GroupSummary(ThreadedInterface):
                                 records, stimulus=i.stimulus)
         path = os.path.join(runtime.cwd, "summary.pkl")
         keep = ("model", "table", "atoms", "r2_mean", "reliable", "r2_maps",
-                "participant_tables", "participants")
+                "participant_tables", "participants", "participant_measures",
+                "equal_terms", "k", "n_participants")
         with open(path, "wb") as f:
             pickle.dump({key: summary[key] for key in keep}, f)
         self._results["summary"] = path

@@ -14,7 +14,8 @@ Modules
     :mod:`.grid`            the analysis grid and the NIfTI/GIFTI/TemplateFlow readers
     :mod:`.overlap`         :func:`dice`, :func:`threshold_map`, p-values, :func:`fdr_bh`
     :mod:`.temporal_nulls`  :class:`ShiftNull`, :class:`BandedShiftNull` (volumes)
-    :mod:`.spatial_nulls`   :class:`SpinNull` (surfaces), :class:`VariogramNull` (volumes)
+    :mod:`.spatial_nulls`   :class:`SpinNull` (surfaces), :class:`SpectralNull` (volumes,
+                            default), :class:`VariogramNull` (volumes, brainsmash)
     :mod:`.labelling`       :func:`label_atoms`: the table of Dice, p and q
 
 A null, for :func:`label_atoms`, is an array of null coefficient maps ``(n_null, k, V)``,
@@ -44,6 +45,7 @@ from .overlap import (
 )
 from .spatial_nulls import (
     FSAVERAGE_MESHES,
+    SpectralNull,
     SpinNull,
     VariogramNull,
     fibonacci_sphere,
@@ -65,6 +67,7 @@ __all__ = [
     "Atlas",
     "BandedShiftNull",
     "ShiftNull",
+    "SpectralNull",
     "SpinNull",
     "ThresholdedMaps",
     "VariogramNull",

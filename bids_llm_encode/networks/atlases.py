@@ -13,7 +13,7 @@ import pandas as pd
 
 from bids_llm_encode.errors import AppError, InputDataError, MissingInputError
 
-from .grid import _load_gifti_data, _load_nifti, _Reference, _templateflow_home
+from .grid import _load_gifti_data, _load_nifti, _Reference, templateflow_get
 
 _SCHAEFER_RE = re.compile(r"^schaefer2018-(7|17)(?:-(\d+))?$")
 _SEITZMAN_NAMES = ("seitzman2018", "seitzman", "seitzman2020")
@@ -215,29 +215,14 @@ def _seitzman_atlas(ref: _Reference, keep_unassigned=False) -> Atlas:
 
 
 def _schaefer_atlas(ref: _Reference, n_networks: int, n_parcels: int) -> Atlas:
+    """Schaefer 2018 from TemplateFlow (``templateflow.api.get``), in the data's template."""
     desc = f"{n_parcels}Parcels{n_networks}Networks"
-    how = (f"get it with: python -c \"import templateflow.api as t; "
-           f"t.get('MNI152NLin2009cAsym', atlas='Schaefer2018', desc='{desc}', "
-           f"resolution=2)\" (needs network), or pass a dseg path with --atlas and its "
-           f"names with --atlas-labels")
     if ref.space != "volume":
         raise AppError(f"atlas schaefer2018-{n_networks}: only the volume version is "
                        "supported; for surfaces pass a GIFTI dseg per hemisphere")
-    home = _templateflow_home()
-    tpl = "tpl-MNI152NLin2009cAsym"
-    nii = tsv = None
-    if home is not None and (home / tpl).is_dir():
-        for res in ("02", "01"):
-            cand = home / tpl / f"{tpl}_res-{res}_atlas-Schaefer2018_desc-{desc}_dseg.nii.gz"
-            if cand.is_file() and cand.stat().st_size > 0:
-                nii = cand
-                break
-        cand = home / tpl / f"{tpl}_atlas-Schaefer2018_desc-{desc}_dseg.tsv"
-        if cand.is_file() and cand.stat().st_size > 0:
-            tsv = cand
-    if nii is None or tsv is None:
-        where = "templateflow is not installed" if home is None else f"not in {home}"
-        raise AppError(f"TemplateFlow has no Schaefer2018 {desc} atlas here ({where}); {how}")
+    what = f"atlas schaefer2018-{n_networks}-{n_parcels}"
+    query = dict(atlas="Schaefer2018", desc=desc, suffix="dseg")
+    nii, tsv = schaefer_files(what, query)
     table = _read_tsv_names(tsv)
     parcel_names = dict(zip(table["index"], table["name"], strict=True))
     network_of = {}
@@ -250,6 +235,46 @@ def _schaefer_atlas(ref: _Reference, n_networks: int, n_parcels: int) -> Atlas:
                          network_of=network_of)
     atlas.meta["source"] = f"TemplateFlow {nii.name}"
     return atlas
+
+
+SCHAEFER_TEMPLATE = "MNI152NLin2009cAsym"  # the template of the data (--space)
+
+
+def schaefer_files(what: str, query: dict):
+    """(dseg NIfTI, labels TSV) through TemplateFlow: res-02 (the res-01 file when a
+    TemplateFlow folder holds only that one)."""
+    nii = None
+    for res in (2, 1):
+        try:
+            (nii,) = templateflow_get(SCHAEFER_TEMPLATE, what, **query, resolution=res,
+                                      extension=".nii.gz")
+            break
+        except MissingInputError:
+            if res == 1 or _templateflow_lists(SCHAEFER_TEMPLATE, resolution=2,
+                                               extension=".nii.gz", **query):
+                raise
+    (tsv,) = templateflow_get(SCHAEFER_TEMPLATE, what, **query, extension=".tsv")
+    return nii, tsv
+
+
+def check_schaefer_available(spec) -> None:
+    """Fail early (one line, exit 66) when a ``schaefer2018-*`` atlas cannot be had from
+    TemplateFlow (fetching it now when there is network)."""
+    m = _SCHAEFER_RE.match(str(spec).strip().lower())
+    if m:
+        n_networks, n_parcels = int(m.group(1)), int(m.group(2) or 400)
+        schaefer_files(f"atlas schaefer2018-{n_networks}-{n_parcels}",
+                       dict(atlas="Schaefer2018", desc=f"{n_parcels}Parcels{n_networks}Networks",
+                            suffix="dseg"))
+
+
+def _templateflow_lists(template: str, **query) -> bool:
+    try:
+        import templateflow.api as tf
+
+        return bool(tf.ls(template, **query))
+    except Exception:  # noqa: BLE001 - templateflow unusable: the first error stands
+        return True
 
 
 def _read_tsv_names(path) -> pd.DataFrame:

@@ -137,3 +137,67 @@ def _templateflow_home():
         default = Path.home() / ".cache" / "templateflow"
         return default if default.is_dir() else None
     return Path(conf.TF_HOME)
+
+
+def templateflow_api():
+    """(``templateflow.api``, its home) for the $TEMPLATEFLOW_HOME set NOW. templateflow
+    reads the variable once, when first imported; when it has changed since (a test, a
+    library caller), templateflow is re-pointed the way its own ``update()`` does (an empty
+    home gets the packaged skeleton: no network)."""
+    import importlib
+    import os
+
+    from templateflow import conf
+
+    want = os.environ.get("TEMPLATEFLOW_HOME")
+    if want and Path(want).absolute() != Path(conf.TF_HOME):
+        conf.TF_HOME = Path(want).absolute()
+        conf._init_cache()
+        conf.init_layout()
+        import templateflow.api
+
+        importlib.reload(templateflow.api)
+    import templateflow.api
+
+    return templateflow.api, Path(conf.TF_HOME)
+
+
+def templateflow_get(template: str, what: str, **query) -> list[Path]:
+    """The files of ``template`` matching ``query``, through ``templateflow.api.get`` (it
+    downloads a file that is missing or a zero-byte placeholder when there is network).
+    Not there and not downloadable: one line (exit 66) naming ``what``, the folder, and the
+    command that prefetches it. templateflow's own download messages are kept off the
+    console (logged at debug)."""
+    import contextlib
+    import io
+
+    args = ", ".join(f"{k}={v!r}" for k, v in query.items())
+    prefetch = f"python -c \"import templateflow.api as t; t.get({template!r}, {args})\""
+    console = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(console), contextlib.redirect_stdout(console):
+            tf, home = templateflow_api()
+    except Exception as exc:  # noqa: BLE001 - not installed, or an unusable home
+        raise MissingInputError(f"{what}: templateflow cannot be used ({type(exc).__name__}: "
+                                f"{exc}); pip install 'templateflow>=24.2,<25', then "
+                                f"{prefetch}") from None
+    how = (f"prefetch it where there is network with TEMPLATEFLOW_HOME={home} {prefetch}, "
+           "or set TEMPLATEFLOW_HOME to a folder that has it")
+    try:
+        with contextlib.redirect_stderr(console), contextlib.redirect_stdout(console):
+            listed = tf.ls(template, **query)
+            if not listed:
+                raise MissingInputError(f"{what}: TemplateFlow ({home}) lists no "
+                                        f"tpl-{template} file for {args}; {how}")
+            got = tf.get(template, **query)
+    except MissingInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - offline (requests), a half download, ...
+        raise MissingInputError(f"{what} is not in TemplateFlow's {home} and could not be "
+                                f"downloaded ({type(exc).__name__}); {how}") from None
+    finally:
+        if console.getvalue().strip():
+            import logging
+
+            logging.getLogger(__name__).debug("templateflow: %s", console.getvalue().strip())
+    return [Path(p) for p in (got if isinstance(got, list) else [got])]
