@@ -184,3 +184,103 @@ def test_label_participant_volume_reports_draws_and_labels(tmp_path):
     assert meta["NullDrawsUsed"] == meta["AdmissibleShifts"] == T - 2 * 20 + 1
     assert "variogram" in meta["SpatialNull"] and meta["SpatialNullDraws"] == 100
     assert _labelled(table) == {(1, "N3", "activated")}  # atoms count from 1
+
+
+def _reference_null_pass(coefs, r2, members, null_maps, z=1.96, floor_fraction=0.5):
+    """Plain reference of the labelling's null pass (explicit loops over draws):
+    every voxel's null sd = sqrt(atom factor x voxel factor) of the mean squared null
+    coefficients, observed and null maps cut at +/- z of it, overlap counts with each
+    network (``members``: V x M booleans, hard or overlapping), Dice, then the
+    single-step max-statistic p over all rows (rows standardised by their own null)."""
+    valid = np.isfinite(r2) & np.isfinite(coefs).all(0)
+    n, k, V = null_maps.shape
+    M = members.shape[1]
+    m2 = np.zeros((k, V))
+    for i in range(n):
+        m2 += np.nan_to_num(null_maps[i].astype(float)) ** 2
+    m2 /= n
+    atom = np.array([m2[j, valid].mean() for j in range(k)])
+    sd = np.zeros((k, V))
+    for v in np.flatnonzero(valid):
+        voxel = np.mean([m2[j, v] / atom[j] for j in range(k)])
+        sd[:, v] = np.sqrt(atom * voxel)
+
+    def counts(x):
+        inter = np.zeros((2, k, M))
+        size = np.zeros((2, k))
+        for j in range(k):
+            ok = valid & (sd[j] > 0)
+            zj = np.where(ok, x[j] / np.where(sd[j] > 0, sd[j], 1.0), 0.0)
+            for d, mask in enumerate((ok & (zj >= z), ok & (zj <= -z))):
+                size[d, j] = mask.sum()
+                for m in range(M):
+                    inter[d, j, m] = np.sum(mask & members[:, m])
+        dice = np.zeros_like(inter)
+        for d in range(2):
+            for j in range(k):
+                for m in range(M):
+                    den = size[d, j] + members[:, m].sum()
+                    dice[d, j, m] = 2 * inter[d, j, m] / den if den else 0.0
+        return inter, size, dice
+
+    obs = counts(coefs)
+    null = [counts(null_maps[i].astype(float)) for i in range(n)]
+    inter_null = np.stack([c[0] for c in null])
+    size_null = np.stack([c[1] for c in null])
+    dice_obs, dice_null = obs[2].ravel(), np.stack([c[2].ravel() for c in null])
+    allv = np.vstack([dice_obs, dice_null])
+    mean, sdr = allv.mean(0), allv.std(0)
+    floor = floor_fraction * np.median(sdr[sdr > 1e-12])
+    sdr = np.maximum(sdr, floor)
+    zmax = [max((dice_null[i] - mean) / sdr) for i in range(n)]
+    z_obs = (dice_obs - mean) / sdr
+    p = np.array([(1 + sum(zm >= zo - 1e-10 for zm in zmax)) / (1 + n) for zo in z_obs])
+    p = np.where(obs[0].ravel() > 0, p, 1.0)
+    return dict(inter=obs[0], size=obs[1], dice=obs[2], p_time=p.reshape(obs[2].shape),
+                inter_null=inter_null, size_null=size_null,
+                dice_null=dice_null.reshape((n,) + obs[2].shape))
+
+
+@pytest.mark.parametrize("overlapping", [False, True])
+def test_fast_null_pass_equals_plain_reference(overlapping):
+    """The null pass (one-pass streaming of a ShiftNull, and a cached array) equals the
+    plain reference: counts and Dice of every observed and null map, and p_time."""
+    from bids_llm_encode.networks.atlases import network_table
+    from bids_llm_encode.networks.labelling import _label_atoms_nullz
+
+    Y, D = _dataset(3, planted=(2,), amp=0.5)
+    V = Y.shape[1]
+    coefs = _fit(Y, D)
+    r2 = np.ones(V)
+    r2[:7] = np.nan  # voxels without data stay out of maps and scale
+    if overlapping:  # soft atlas: two networks covering overlapping halves of the grid
+        members = np.zeros((V, 3), bool)
+        members[:150, 0] = True
+        members[100:, 1] = True
+        members[LABELS == 2, 2] = True
+        atlas = Atlas("soft", np.where(members.any(1), members.argmax(1) + 1, 0),
+                      {1: "A", 2: "B", 3: "C"}, membership=members)
+    else:
+        atlas, members = ATLAS, np.stack([LABELS == i for i in range(1, 7)], 1)
+    null = ShiftNull(Y, D, np.full(V, ALPHA), n_null=60, seed=1, batch=50)
+    maps = null.to_array()
+    ref = _reference_null_pass(coefs, r2, members, maps)
+    onehot, _ = network_table([atlas])
+    sizes = onehot.sum(0).astype(float)
+    for nul, cache in ((null, 0), (maps, 2**30)):  # one-pass streaming; cached array
+        fast = _label_atoms_nullz(coefs, r2, onehot, sizes, nul, 1.96, cache)
+        assert np.array_equal(fast["inter_obs"], ref["inter"])
+        assert np.array_equal(fast["size_obs"], ref["size"])
+        assert np.allclose(fast["null_d"], ref["dice_null"], rtol=0, atol=1e-6)
+        table = label_atoms(coefs, r2, [atlas], nul, cache_bytes=cache)
+        order = ["activated", "deactivated"]
+        got = np.zeros_like(ref["p_time"])
+        dice = np.zeros_like(ref["dice"])
+        names = {n: i for i, n in enumerate(atlas.names[i] for i in sorted(atlas.names))}
+        for row in table.itertuples():
+            idx = (order.index(row.direction), row.atom, names[row.network])
+            got[idx], dice[idx] = row.p_time, row.dice
+        assert np.allclose(dice, ref["dice"], rtol=0, atol=1e-6)
+        assert np.array_equal(got, ref["p_time"])
+    # the test has power: planted atom 0 in N2 is labelled, and null maps do overlap
+    assert ref["p_time"][0, 0].min() < 0.05 and ref["inter_null"].sum() > 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -365,44 +363,6 @@ def test_yeo_atlases_from_shared(tmp_path):
     with pytest.raises(AppError, match="TY7.names.txt.*7 names.*17 non-zero"):
         load_atlas(str(ATLASES / "TY17.nii.gz"), mask4, mask4,
                    labels=ATLASES / "TY7.names.txt")
-
-
-def test_schaefer_without_templateflow(monkeypatch):
-    monkeypatch.setitem(sys.modules, "templateflow", None)  # import fails
-    ref = _img(np.ones((4, 4, 4)))
-    with pytest.raises(AppError) as exc:
-        load_atlas("schaefer2018-17", ref, ref)
-    msg = str(exc.value)
-    assert "\n" not in msg and "TemplateFlow has no Schaefer2018" in msg
-    assert "t.get('MNI152NLin2009cAsym', atlas='Schaefer2018', desc='400Parcels17Networks'" in msg
-
-
-def test_schaefer_from_local_templateflow(tmp_path, monkeypatch):
-    """A fake TemplateFlow home with a tiny Schaefer-named dseg: parcels -> networks."""
-    tpl = tmp_path / "tpl-MNI152NLin2009cAsym"
-    tpl.mkdir()
-    dseg = np.zeros((4, 4, 4), np.int16)
-    dseg[:2, :2] = 1
-    dseg[:2, 2:] = 2
-    dseg[2:, :2] = 3
-    dseg[2:, 2:] = 4
-    nib.save(_img(dseg), tpl / ("tpl-MNI152NLin2009cAsym_res-02_atlas-Schaefer2018_"
-                                "desc-400Parcels7Networks_dseg.nii.gz"))
-    pd.DataFrame({"index": [1, 2, 3, 4], "name": [
-        "7Networks_LH_Vis_1", "7Networks_LH_Default_PFC_1", "7Networks_RH_Vis_1",
-        "7Networks_RH_Default_Par_2"]}).to_csv(
-        tpl / "tpl-MNI152NLin2009cAsym_atlas-Schaefer2018_desc-400Parcels7Networks_dseg.tsv",
-        sep="\t", index=False)
-    fake = types.ModuleType("templateflow")
-    fake.conf = types.SimpleNamespace(TF_HOME=str(tmp_path))
-    monkeypatch.setitem(sys.modules, "templateflow", fake)
-    monkeypatch.setitem(sys.modules, "templateflow.conf", fake.conf)
-    ref = _img(np.ones((4, 4, 4)))
-    a = load_atlas("schaefer2018-7", ref, ref)
-    assert a.name == "schaefer2018-7" and a.names == {1: "Vis", 2: "Default"}
-    assert a.counts() == {"Vis": 32, "Default": 32}
-    with pytest.raises(AppError, match="400Parcels17Networks"):
-        load_atlas("schaefer2018-17", ref, ref)
 
 
 # ------------------------------------------------------------------ shift null

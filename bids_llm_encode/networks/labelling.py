@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -112,8 +113,12 @@ def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96
         every null map are cut at +/- z of it. "zscore" (per-map standardisation) and
         "absolute" (cut at +/- z as they are); see :func:`threshold_map`.
     spatial_null : the spatial null (``p_space``): an object with ``surrogates(values)``
-        -> ``(n, V)`` surrogate maps of one map (NaN = no data): :class:`VariogramNull`
-        (volumes), :class:`SpinNull` (surfaces). None: no spatial test (``p_space`` NaN).
+        -> ``(n, V)`` surrogate maps of one map (NaN = no data), optionally
+        ``surrogates_many(values (k x V))`` -> ``(n, k, V)`` (batched):
+        :class:`SpectralNull` (volumes, the pipeline's default), :class:`VariogramNull`
+        (volumes, brainsmash), :class:`SpinNull` (surfaces). Draw i must be one joint
+        draw over atoms (same seed/rotation/phases). None: no spatial test (``p_space``
+        NaN).
     alpha : the family-wise level of ``significant``.
 
     The tested statistic is the Dice of the thresholded map with the network, in the
@@ -171,19 +176,39 @@ def _dice(inter, size, sizes):
         return np.where(den > 0, 2.0 * inter / np.maximum(den, 1), 0.0)
 
 
-def _spatial_null_dice(spatial_null, values, upper, lower, onehot, sizes, atoms):
-    """Dice of every surrogate of each atom's map in ``atoms``: (n, 2, len(atoms), M)."""
+def _spatial_null_dice(spatial_null, values, upper, lower, onehot, sizes, atoms,
+                       block_bytes: int = 2**28):
+    """Dice of every surrogate of each atom's map in ``atoms``: (n, 2, len(atoms), M).
+
+    Atoms go in blocks (about ``block_bytes`` of surrogates and masks each): a null with
+    ``surrogates_many(values (kb x V))`` -> ``(n, kb, V)`` (:class:`SpectralNull`,
+    :class:`SpinNull`) makes a block's surrogates in one batched call; otherwise
+    ``surrogates(values)`` is called per atom. Each block's Dice is one matrix product.
+    """
+    atoms = list(atoms)
+    V = values.shape[1]
+    many = getattr(spatial_null, "surrogates_many", None)
+    n_guess = int(getattr(spatial_null, "n_null", 100) or 100)
+    chunk = max(1, int(block_bytes // (8 * 2 * n_guess * max(V, 1)))) if many else 1
     out = None
-    for i, j in enumerate(atoms):
-        S = np.asarray(spatial_null.surrogates(values[j]), float)
-        fin = np.isfinite(S)
-        with np.errstate(invalid="ignore"):
-            masks = (fin & (S >= upper[j]), fin & (S <= lower[j]))
+    for c0 in range(0, len(atoms), chunk):
+        js = atoms[c0: c0 + chunk]
+        if many is not None:
+            S = np.asarray(many(values[js]))  # (n, kb, V)
+        else:
+            S = np.stack([np.asarray(spatial_null.surrogates(values[j]), float)
+                          for j in js], 1)
+        n = S.shape[0]
         if out is None:
-            out = np.zeros((S.shape[0], 2, len(atoms), onehot.shape[1]))
+            out = np.zeros((n, 2, len(atoms), onehot.shape[1]))
+        up = np.asarray(upper, float)[js][None, :, None]
+        lo = np.asarray(lower, float)[js][None, :, None]
+        with np.errstate(invalid="ignore"):  # NaN (no data) compares False
+            masks = (S >= up, S <= lo)
+        del S
         for d, m in enumerate(masks):
-            inter = m.astype(np.float32) @ onehot
-            out[:, d, i] = _dice(inter, m.sum(1).astype(float), sizes)
+            inter = (m.reshape(-1, V).astype(np.float32) @ onehot).reshape(n, len(js), -1)
+            out[:, d, c0: c0 + len(js)] = _dice(inter, m.sum(-1).astype(float), sizes)
     return out
 
 
@@ -242,64 +267,146 @@ def _null_pass(factory, valid):
         yield sl, block, vb
 
 
-def _label_atoms_nullz(coefs, r2, onehot, sizes, null, z, cache_bytes) -> dict:
-    """Observed and null overlaps of maps standardised per voxel by the null."""
+#: Analysed voxels (a seeded random subset) whose null second moments give the atom factor
+#: of the null scale (:func:`_null_scale`) when the null maps do not fit in ``cache_bytes``
+#: and the null is generated once (see :func:`_label_atoms_nullz`); all of them when fewer.
+SCALE_VOXELS = 10000
+
+
+def _second_moments(block) -> np.ndarray:
+    """Sum over draws of the squared null coefficients (k x Vb); NaN cells (no data) count 0."""
+    sq = np.einsum("nkv,nkv->kv", block, block)
+    if not np.isfinite(sq).all():
+        b = np.nan_to_num(block)
+        sq = np.einsum("nkv,nkv->kv", b, b)
+    return sq
+
+
+def _count_block(block, vb, upper_cut, lower_cut, nets, size_null, inter_null) -> None:
+    """Add one null block's map sizes (n x 2 x k) and network overlaps (n x 2 x k x M).
+
+    ``block`` (n x k x Vb) float32 null maps, ``vb`` (n or 1 x Vb) voxels with data in each
+    draw, ``upper_cut``/``lower_cut`` (k x Vb) per-cell cuts (NaN cells compare False),
+    ``nets`` (Vb x M) network membership, hard or overlapping (soft atlases' masks). Each
+    direction is one compare written as float32 0/1 and one GEMM against ``[nets, 1]``,
+    whose last column is the map size: counts of at most Vb < 2**24 are exact in float32.
+    """
+    n, k, nv = block.shape
+    M = nets.shape[1]
+    ext = np.empty((nv, M + 1), np.float32)
+    ext[:, :M] = nets
+    ext[:, M] = 1.0
+    per_draw = vb.shape[0] > 1 or not vb.all()  # voxels missing in some draws (spins)
+    buf = np.empty(block.shape, np.float32)
+    for d, (op, cut) in enumerate(((np.greater_equal, upper_cut), (np.less_equal, lower_cut))):
+        with np.errstate(invalid="ignore"):
+            op(block, cut[None], out=buf)
+        if per_draw:
+            buf *= vb[:, None, :]
+        c = (buf.reshape(n * k, nv) @ ext).reshape(n, k, M + 1)
+        inter_null[:, d] += c[..., :M]
+        size_null[:, d] += c[..., M]
+
+
+def _one_pass_null(null, cache_bytes) -> bool:
+    """Generate the null once (atom factor from a voxel subset) rather than twice: for the
+    shift nulls, whose maps (n_null x k x V) do not fit in ``cache_bytes``."""
+    from .temporal_nulls import BandedShiftNull, ShiftNull
+
+    if not isinstance(null, (ShiftNull, BandedShiftNull)):
+        return False
+    return 4 * int(null.n_null) * int(null.k) * int(null.V) > cache_bytes
+
+
+def _atom_factor(null, valid, n_voxels: int, seed: int = 0) -> np.ndarray:
+    """The atom factor of :func:`_null_scale` from the null maps of ``n_voxels`` analysed
+    voxels drawn at random (seeded); exact (all voxels) when fewer are analysed."""
+    idx = np.flatnonzero(valid)
+    if idx.size > n_voxels:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, int(n_voxels), replace=False))
+    s2 = np.zeros(null.k)
+    for _, block, _ in null.blocks(voxels=idx):
+        # voxels without null maps (no valid fit) count as 0, as in _null_scale
+        s2 += _second_moments(np.asarray(block, np.float32)).sum(1)
+    return s2 / (null.n_null * idx.size) if idx.size else np.full(null.k, np.nan)
+
+
+def _label_atoms_nullz(coefs, r2, onehot, sizes, null, z, cache_bytes,
+                       scale_voxels: int = SCALE_VOXELS) -> dict:
+    """Observed and null overlaps of maps standardised per voxel by the null.
+
+    The null scale needs every null map before any map can be cut. Two ways, the same
+    numbers up to the atom factor: (a) null maps cached (they fit in ``cache_bytes``) or
+    generated twice (arrays, callables, spins); (b) shift nulls too large to cache: the
+    atom factor of :func:`_null_scale` comes first from ``scale_voxels`` random analysed
+    voxels (all of them when fewer: then (a) and (b) agree to rounding), then the null is
+    generated ONCE and each block's voxel factor, cuts and counts are computed from it.
+    """
     k, V = coefs.shape
     # Every finite voxel enters (not only held-out R2 > 0): R2 > 0 selects voxels where the
     # atoms fit at the true alignment, which inflates their observed coefficients relative
     # to the shifted ones and made the null liberal (28 % at p < .05 on pure noise).
     valid = np.isfinite(np.asarray(r2, float)) & np.isfinite(coefs).all(0)
     factory = _null_blocks(null, coefs, r2)
-    s2 = np.zeros((k, V))
+    mu = 0.0  # circular shifts of z-scored data: null coefficients centre on 0
+    M = onehot.shape[1]
+    nets = np.asarray(onehot, np.float32)
+    size_null = inter_null = None
+
+    def cuts(sd, ok):
+        # A null coefficient c is beyond the cut when (c - mu) / sd >= z, i.e. c >= mu + z
+        # sd: per-cell cuts (infinite where a cell is not analysed) avoid dividing every
+        # null map; NaN cells compare False.
+        return (np.where(ok, mu + z * sd, np.inf).astype(np.float32),
+                np.where(ok, mu - z * sd, -np.inf).astype(np.float32))
+
     n_null = None
-    cache, cached = [], 0
-    for sl, block, vb in _null_pass(factory, valid):
-        n_null = block.shape[0]
-        # one float32 pass per block (the null maps are n_null x k x V: at native
-        # resolution tens of GB in float64); NaN cells (no data) count as 0
-        sq = np.einsum("nkv,nkv->kv", block, block)
-        if not np.isfinite(sq).all():
-            b = np.nan_to_num(block)
-            sq = np.einsum("nkv,nkv->kv", b, b)
-        s2[:, sl] += sq
-        if cache is not None:
-            cached += block.nbytes
-            cache = cache + [(sl, block, vb)] if cached <= cache_bytes else None
+    if _one_pass_null(null, cache_bytes):
+        atom = _atom_factor(null, valid, scale_voxels)
+        sd = np.zeros((k, V))
+        for sl, block, vb in _null_pass(factory, valid):
+            if n_null is None:
+                n_null = block.shape[0]
+                size_null = np.zeros((n_null, 2, k))
+                inter_null = np.zeros((n_null, 2, k, M))
+            sdb = _null_scale(_second_moments(block) / n_null, valid[sl], atom=atom)
+            sd[:, sl] = sdb
+            up, lo = cuts(sdb, valid[sl][None, :] & (sdb > 0))
+            _count_block(block, vb, up, lo, nets[sl], size_null, inter_null)
+    else:
+        s2 = np.zeros((k, V))
+        cache, cached = [], 0
+        for sl, block, vb in _null_pass(factory, valid):
+            n_null = block.shape[0]
+            # one float32 pass per block (the null maps are n_null x k x V: at native
+            # resolution tens of GB in float64)
+            s2[:, sl] += _second_moments(block)
+            if cache is not None:
+                cached += block.nbytes
+                cache = cache + [(sl, block, vb)] if cached <= cache_bytes else None
+        if n_null is not None:
+            sd = _null_scale(s2 / n_null, valid)
+            up, lo = cuts(sd, valid[None, :] & (sd > 0))
+            size_null = np.zeros((n_null, 2, k))
+            inter_null = np.zeros((n_null, 2, k, M))
+            for sl, block, vb in (cache if cache is not None else _null_pass(factory, valid)):
+                _count_block(block, vb, up[:, sl], lo[:, sl], nets[sl], size_null,
+                             inter_null)
     if n_null is None:
         raise InputDataError("the null produced no maps")
-    sd = _null_scale(s2 / n_null, valid)
-    mu = np.zeros_like(sd)  # circular shifts of z-scored data: null coefficients centre on 0
     ok = valid[None, :] & (sd > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         zc = np.where(ok, (coefs - mu) / np.where(sd > 0, sd, 1.0), 0.0)
     obs_masks = np.stack([ok & (zc >= z), ok & (zc <= -z)], 0)  # (2, k, V)
     size_obs = obs_masks.sum(-1).astype(float)
     inter_obs = (obs_masks.reshape(2 * k, -1).astype(np.float32) @ onehot).reshape(2, k, -1)
-    M = onehot.shape[1]
-    size_null = np.zeros((n_null, 2, k))
-    inter_null = np.zeros((n_null, 2, k, M))
-    # A null coefficient c is beyond the cut when (c - mu) / sd >= z, i.e. c >= mu + z sd:
-    # per-cell cuts (infinite where a cell is not analysed) avoid dividing every null map;
-    # NaN cells compare False.
-    upper_cut = np.where(ok, mu + z * sd, np.inf).astype(np.float32)
-    lower_cut = np.where(ok, mu - z * sd, -np.inf).astype(np.float32)
-    for sl, block, vb in (cache if cache is not None else _null_pass(factory, valid)):
-        per_draw = vb.shape[0] > 1 or not vb.all()  # voxels missing in some draws (spins)
-        nets = onehot[sl]
-        for d, m in enumerate((block >= upper_cut[None, :, sl],
-                               block <= lower_cut[None, :, sl])):
-            if per_draw:
-                m &= vb[:, None, :]
-            size_null[:, d] += m.sum(-1)
-            inter_null[:, d] += (m.reshape(n_null * k, -1).astype(np.float32) @ nets
-                                 ).reshape(n_null, k, M)
     return dict(size_obs=size_obs, inter_obs=inter_obs,
                 null_d=_dice(inter_null, size_null, sizes),
                 values=np.where(ok, zc, np.nan), upper=np.full(k, float(z)),
                 lower=np.full(k, -float(z)))
 
 
-def _null_scale(m2, valid):
+def _null_scale(m2, valid, atom=None):
     """Null sd of every (atom, voxel) coefficient, as sqrt(a_atom * b_voxel).
 
     The null's second moments ``m2`` (k x V) are pooled into an atom factor and a voxel
@@ -307,11 +414,13 @@ def _null_scale(m2, valid):
     strongly autocorrelated shifts of one voxel are too noisy: standardising the observed
     coefficient by them gave t-like tails (7 % of voxels beyond 1.96 instead of 5 %) and a
     liberal null; pooling over 64 atoms and over all voxels makes the scale precise.
+    ``atom`` (k,): the atom factor, given (then ``m2`` may be any block of voxels).
     """
     m2 = np.where(valid[None, :], m2, np.nan)
-    atom = np.nanmean(m2, axis=1)  # (k,)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    if atom is None:
+        atom = np.nanmean(m2, axis=1)  # (k,)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # voxels without data: NaN -> 0
         voxel = np.nanmean(m2 / atom[:, None], axis=0)  # (V,)
         scale = np.sqrt(np.outer(atom, voxel))
     return np.where(np.isfinite(scale), scale, 0.0)
-

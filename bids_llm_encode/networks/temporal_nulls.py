@@ -107,9 +107,13 @@ class ShiftNull:
         self._sel = (slice(int(self.shifts[0]), int(self.shifts[-1]) + 1) if contiguous
                      else self.shifts)
 
-    def blocks(self, coefs=None, r2=None) -> Iterator[tuple[np.ndarray, np.ndarray, None]]:
-        """Yield ``(voxel indices, null coefs (n_null x k x len(indices)), None)``."""
+    def blocks(self, coefs=None, r2=None, voxels=None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, None]]:
+        """Yield ``(voxel indices, null coefs (n_null x k x len(indices)), None)``;
+        ``voxels`` (indices): only those voxels (in the null's own block order)."""
         for g, idx in self._groups:
+            if voxels is not None:
+                idx = idx[np.isin(idx, voxels)]
             for start in range(0, idx.size, self.batch):
                 sub = idx[start: start + self.batch]
                 yield sub, self._block(g, sub), None
@@ -216,9 +220,14 @@ class BandedShiftNull:
         self.method = f"banded {first.method}, {len(self.parts)} band weightings"
         self.batch = min(p[1].batch for p in self.parts)
 
-    def blocks(self, coefs=None, r2=None):
+    def blocks(self, coefs=None, r2=None, voxels=None):
+        """Yield ``(voxel indices, null atom coefs (n_null x k x len(indices)), None)``;
+        ``voxels`` (indices): only those voxels."""
         for idx, null, scale in self.parts:
-            for sub, block, _ in null.blocks():
+            local = None if voxels is None else np.flatnonzero(np.isin(idx, voxels))
+            if local is not None and local.size == 0:
+                continue
+            for sub, block, _ in null.blocks(voxels=local):
                 yield idx[sub], block[:, : self.k] * np.float32(scale), None
 
     def compute(self, idx) -> np.ndarray:
