@@ -17,7 +17,6 @@ import argparse
 import gzip
 import pickle
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _runlog import print_null_costs, run_teed  # noqa: E402
+
 PIEMAN = ROOT.parent / "shared" / "narratives" / "stimuli" / "gentle" / "pieman" / "align.csv"
 
 
@@ -57,9 +58,9 @@ def main() -> int:
             before = node_times(tmp / "work") if (tmp / "work").exists() else {}
             t = time.time()
             # a fresh process per participant, as a user's (or a cluster job's) run
-            code = subprocess.call([sys.executable, "-m", "bids_llm_encode.cli.run",
-                                    str(tmp / "bids"), str(tmp / "out"), "participant",
-                                    "--participant-label", sub, *common])
+            code, null_lines = run_teed([sys.executable, "-m", "bids_llm_encode.cli.run",
+                                         str(tmp / "bids"), str(tmp / "out"), "participant",
+                                         "--participant-label", sub, *common])
             timings[label] = time.time() - t
             assert code == 0, f"{label} run failed ({code})"
             nodes = {k: v for k, v in node_times(tmp / "work").items() if k not in before}
@@ -67,6 +68,7 @@ def main() -> int:
             print(f"{label}: {timings[label]:.1f} s wall; per node:")
             for name, sec in sorted(nodes.items(), key=lambda kv: -kv[1]):
                 print(f"    {name:55s} {sec:7.1f} s  {100 * sec / total:5.1f} %")
+            print_null_costs(null_lines)
         print(f"cold {timings['cold']:.1f} s (target < 300 s); warm {timings['warm']:.1f} s "
               f"(target < 60 s); warm/cold ratio {timings['warm'] / timings['cold']:.2f}")
     finally:

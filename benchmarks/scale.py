@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _runlog import print_null_costs, run_teed
 
 ROOT = Path(__file__).resolve().parents[1]
 GENTLE = ROOT.parent / "shared" / "narratives" / "stimuli" / "gentle"
@@ -207,12 +208,13 @@ def main() -> int:
         print(f"simulated {args.story} at {resolution} mm"
               f"{' + fsaverage6' if args.fsaverage6 else ''} in {time.time() - t:.0f} s")
         t = time.time()
-        code = subprocess.call([sys.executable, "-m", "bids_llm_encode.cli.run",
-                                str(tmp / "bids"), str(tmp / "out"), "participant",
-                                "-w", str(tmp / "work"), "--n-null", str(args.n_null),
-                                "--nprocs", str(args.nprocs), "--device", args.device,
-                                *sim_space, *(["--null", args.null] if args.null else [])],
-                               cwd=ROOT, env=env)
+        code, null_lines = run_teed([sys.executable, "-m", "bids_llm_encode.cli.run",
+                                     str(tmp / "bids"), str(tmp / "out"), "participant",
+                                     "-w", str(tmp / "work"), "--n-null", str(args.n_null),
+                                     "--nprocs", str(args.nprocs), "--device", args.device,
+                                     *sim_space,
+                                     *(["--null", args.null] if args.null else [])],
+                                    cwd=ROOT, env=env)
         wall = time.time() - t
         if code != 0:
             print(f"participant failed ({code})")
@@ -222,6 +224,7 @@ def main() -> int:
         print(f"    {'node':58s} {'s':>7s} {'peak RSS MB':>12s}")
         for name, rec in sorted(nodes.items(), key=lambda kv: -kv[1]["seconds"]):
             print(f"    {name:58s} {rec['seconds']:7.1f} {rec.get('peak_rss_mb', float('nan')):12.0f}")
+        print_null_costs(null_lines)
         enc_dir = next((tmp / "work").glob("bids_llm_encode_wf/encode_*"))
         with np.load(enc_dir / "encoding.npz") as z:
             k, V = z["coefs"].shape

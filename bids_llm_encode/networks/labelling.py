@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
@@ -12,6 +14,8 @@ from bids_llm_encode.errors import InputDataError
 
 from .atlases import Atlas, network_table
 from .overlap import _valid_r2, maxstat_pvalues, threshold_map
+
+LOGGER = logging.getLogger(__name__)
 
 DIRECTIONS = ("activated", "deactivated")
 
@@ -152,6 +156,7 @@ def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96
     onehot, rows = network_table(atlases)
     sizes = onehot.sum(0).astype(float)
     k = coefs.shape[0]
+    started = time.perf_counter()
     if threshold_mode == "nullz":
         obs = _label_atoms_nullz(coefs, r2, onehot, sizes, null_coefs, z, cache_bytes)
     else:
@@ -167,6 +172,8 @@ def label_atoms(coefs, r2, atlases: Sequence[Atlas], null_coefs, z: float = 1.96
         ok = t.valid[None, :] & np.isfinite(coefs) & np.isfinite(upper)[:, None]
         obs = dict(size_obs=size_obs, inter_obs=inter_obs, null_d=null_d,
                    values=np.where(ok, coefs, np.nan), upper=upper, lower=lower)
+    LOGGER.info("labels: temporal null pass (%d draws x %d atoms x %d voxels) %.1f s",
+                obs["null_d"].shape[0], k, r2.size, time.perf_counter() - started)
     return _label_table(rows, onehot, sizes, obs, z, spatial_null, alpha)
 
 
@@ -229,9 +236,14 @@ def _label_table(rows, onehot, sizes, obs, z, spatial_null, alpha):
     if spatial_null is not None:
         atoms = [j for j in range(k) if (p_time[:, j] < alpha).any()]
         if atoms:
+            started = time.perf_counter()
             null_s = _spatial_null_dice(spatial_null, values, upper, lower, onehot, sizes,
                                         atoms)
             n_space = null_s.shape[0]
+            # the spatial null's cost is printed by benchmarks/end_to_end.py and scale.py
+            LOGGER.info("labels: spatial null (%s, %d atoms passing p_time x %d surrogates) "
+                        "%.1f s", type(spatial_null).__name__, len(atoms), n_space,
+                        time.perf_counter() - started)
             ps, _ = maxstat_pvalues(dice_obs[:, atoms], null_s)
             p_space[:, atoms] = np.where(overlap[:, atoms], ps, 1.0)
     q = np.fmax(p_time, p_space)
