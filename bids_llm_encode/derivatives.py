@@ -32,6 +32,8 @@ BIDSIGNORE = [
     "*_statmap.json",
     "*_networks.tsv",
     "*_networks.json",
+    "*_stability.tsv",  # --dictionary-stability (label persistence per scan)
+    "*_stability.json",
     "*.html",
     "CITATION.md",  # the methods text; BIDS names only CITATION.cff
     "atoms",

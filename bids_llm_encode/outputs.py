@@ -135,7 +135,8 @@ STAT_DESCRIPTIONS = {
 
 def write_participant_outputs(output_dir, entities, bold, mask, maps, encoding_meta,
                               baseline_maps, networks, networks_meta, dictionary_meta,
-                              settings, identity: dict | None = None) -> list[str]:
+                              settings, identity: dict | None = None,
+                              stability=None) -> list[str]:
     from .imaging import load_bold
 
     _, geom = load_bold(bold, mask, slice(0, 1))
@@ -180,7 +181,44 @@ def write_participant_outputs(output_dir, entities, bold, mask, maps, encoding_m
     table = pd.read_csv(networks, sep="\t")
     written += write_networks_table(folder / stem, table, networks_meta)
     written += write_atlas_outputs(folder, ent, geom, networks_meta)
+    if stability is not None:  # --dictionary-stability: label persistence of the re-fits
+        written += write_stability_table(folder / stem.replace("_networks.tsv",
+                                                               "_stability.tsv"),
+                                         pd.read_csv(stability, sep="\t"), dictionary_meta)
     return written
+
+
+# Every column of the per-scan stability table (sub-*/func/*_stability.tsv).
+STABILITY_COLUMNS = {
+    "k_reference": "k of the reported dictionary (the reference fit).",
+    "seed_reference": "Seed of the reported dictionary.",
+    "k": "k of this re-fit (16, 32, 64, 128 up to the TRs / ANs).",
+    "seed": "Seed of this re-fit (--seed or --seed + 1).",
+    "n_matched": "Atoms matched one-to-one to the reference by their AN loadings "
+    "(Hungarian on |r|).",
+    "mean_loading_r": "Mean |r| of the matched atoms' AN loadings.",
+    "mean_jaccard": "Mean Jaccard overlap of the matched atoms' AN sub-groups.",
+    "mean_jaccard_random": "The same for random sub-groups of the same sizes (chance).",
+    "n_labelled": "Reference atoms carrying a network label (q < .05) in this scan's "
+    "networks table.",
+    "label_kept": "Fraction of those whose matched re-fit atom, encoded and labelled on this "
+    "scan exactly as the reported atoms were, carries at least one of the same networks "
+    "(an unlabelled match counts as lost; n/a when no atom is labelled).",
+}
+
+
+def write_stability_table(path, table: pd.DataFrame, dictionary_meta: dict) -> list[str]:
+    """<stem>_stability.tsv (interfaces.dictionary.StabilityLabels) and its sidecar."""
+    path = Path(path)
+    side = {"Description": "Seed / k stability of the AN sub-groups and of their network "
+            "labels: one row per re-fit of the dictionary, compared with the reported fit "
+            "(docs/method.md, Stability).",
+            "DictionaryAlpha": dictionary_meta.get("alpha"),
+            "AnSubsample": dictionary_meta.get("an_subsample")}
+    for col in table.columns:
+        side[str(col)] = {"Description": STABILITY_COLUMNS.get(
+            str(col), f"{col} (see docs/outputs.md)")}
+    return [str(write_tsv(path, table)), str(write_json(path.with_suffix(".json"), side))]
 
 
 def write_atlas_outputs(folder: Path, ent: dict, geom, networks_meta: dict) -> list[str]:
@@ -229,7 +267,8 @@ NETWORK_COLUMNS = {
     "directions x atlases x networks, each row standardised by its own null: family-wise; "
     "smallest value 1 / (1 + n_null).",
     "p_space": "Family-wise p of the Dice against spatial surrogates of the thresholded "
-    "map: variogram-matched surrogate maps (brainsmash Sampled) on volumes, spins on "
+    "map: variogram-preserving surrogate maps (3-D spectral randomisation with rank "
+    "remapping, validated against brainsmash) on volumes, spins on "
     "surfaces (max statistic over all rows of the atoms with a p_time < .05 row; n/a: not "
     "tested).",
     "p": "Uncorrected permutation p of the Dice for this row alone.",

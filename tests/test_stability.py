@@ -12,6 +12,7 @@ import pytest
 from bids_llm_encode.config import Settings
 from bids_llm_encode.dictionary import learn_dictionary
 from bids_llm_encode.dictionary.stability import (
+    STABILITY_K,
     an_subsample,
     compare_dictionaries,
     cross_story_stability,
@@ -94,6 +95,31 @@ def test_seed_k_stability_rows(story_a):
     assert same_k["n_matched"] == K
     assert same_k["mean_jaccard"] > 4 * same_k["mean_jaccard_random"]
     assert (table.loc[table["k"] == 8, "n_matched"] == K).all()  # min(k_ref, k)
+
+
+def test_matched_atoms_keep_their_network_labels_across_seeds(story_a):
+    """label_kept: the planted sub-groups' atoms, labelled by the oracle in the reference fit
+    and in each re-fit (seed 1, k = 8), keep their labels; a labeller that assigns the
+    networks to other planted courses in the re-fits (random relabelling) does not."""
+    _, X, D = story_a
+    nets = ["DMN", "Auditory", "Language", None, None]
+    ref = _fit(X, 0)
+    ref_labels = _oracle_labels(ref.atoms, D, nets)
+    assert (ref_labels["q"] < 0.05).sum() == 3
+    kw = dict(base_k=K, base_seed=0, ks=(K, 8), n_random=20, reference=ref.loadings,
+              labels_reference=ref_labels, device="cpu", n_threads=1)
+    table = seed_k_stability(X, label_refit=lambda atoms: _oracle_labels(atoms, D, nets), **kw)
+    assert list(table.columns[-2:]) == ["n_labelled", "label_kept"]
+    assert (table["n_labelled"] == 3).all()
+    assert (table["label_kept"] == 1.0).all()
+    shuffled = ["Language", "DMN", "Auditory", None, None]  # every network on another course
+    wrong = seed_k_stability(X, label_refit=lambda atoms: _oracle_labels(atoms, D, shuffled),
+                             **kw)
+    assert (wrong["label_kept"] == 0.0).all()
+    # without labels the table keeps its old columns
+    assert "label_kept" not in seed_k_stability(X, base_k=K, base_seed=0, ks=(K,), n_random=5,
+                                                reference=ref.loadings, device="cpu",
+                                                n_threads=1).columns
 
 
 def test_story_subgroup_matched_across_stories_and_predicts_same_network(story_a):
@@ -306,3 +332,145 @@ def test_group_report_draws_models_ci_figure_and_stability_tables(tmp_path):
         ).st_size > 1000
     assert "task-pieman_model-minilm_stability.tsv" in html
     assert "ANs per model: 300" in html
+
+
+def test_stability_table_sidecar_describes_every_column(tmp_path):
+    """outputs.write_stability_table: the TSV round-trips (n/a for an unlabelled scan) and
+    the sidecar has one Description per column, n_labelled and label_kept included."""
+    import json
+
+    from bids_llm_encode.outputs import STABILITY_COLUMNS, write_stability_table
+
+    table = pd.DataFrame({"k_reference": [5, 5], "seed_reference": [0, 0], "k": [5, 8],
+                          "seed": [1, 0], "n_matched": [5, 5], "mean_loading_r": [0.9, 0.8],
+                          "mean_jaccard": [0.7, 0.6], "mean_jaccard_random": [0.1, 0.1],
+                          "n_labelled": [2, 0], "label_kept": [0.5, np.nan]})
+    path, side = write_stability_table(tmp_path / "x_stability.tsv", table,
+                                       {"alpha": 0.3, "an_subsample": None})
+    back = pd.read_csv(path, sep="\t")
+    assert back["label_kept"].iloc[0] == 0.5 and np.isnan(back["label_kept"].iloc[1])
+    assert "n/a" in open(path).read()
+    meta = json.loads(open(side).read())
+    assert meta["DictionaryAlpha"] == 0.3
+    for col in table.columns:
+        assert meta[col]["Description"] == STABILITY_COLUMNS[col]
+
+
+@pytest.mark.slow
+def test_scan_label_persistence_encodes_and_labels_each_refit(tmp_path, monkeypatch):
+    """pipeline.scan_label_persistence on a simulated scan (DefaultA planted, 8 mm): ANs
+    whose sub-group 0 follows the planted DefaultA time course; the reference atoms are
+    encoded and labelled, and the seed-1 re-fit's matched atom keeps DefaultA
+    (label_kept 1); a reference table whose label sits on another atom is not kept."""
+    from bids_llm_encode.pipeline import (
+        fit_atom_encoding,
+        label_participant,
+        scan_label_persistence,
+    )
+    from bids_llm_encode.simulate import simulate_dataset
+
+    truth = simulate_dataset(tmp_path / "bids", n_participants=1, resolution=8, snr=4.0,
+                             planted=("DefaultA:+",), seed=0, progress=False)
+    deriv = tmp_path / "bids" / "derivatives" / "afni-nosmooth"
+    bold = [str(next(deriv.glob("sub-001/func/*_bold.nii.gz")))]
+    mask = str(next(deriv.glob("tpl-*/*_mask.nii.gz")))
+    T = truth["n_trs"]
+    D = np.column_stack([truth["networks"][0]["signal"],
+                         np.random.default_rng(1).standard_normal((T, K - 1))])
+    rng = np.random.default_rng(2)
+    A = np.zeros((K, N))
+    for j, s in enumerate(_supports()):
+        A[j, s] = rng.uniform(1.0, 2.0, s.size)
+    X = (D @ A + 0.1 * rng.standard_normal((T, N))).astype(np.float32)
+    encode_kw = dict(bold=bold, mask=mask, alignment=None, audio_onset=0.0, tr=truth["tr"],
+                     n_trs=T, story=(0, T), hrf="glover", delays=None, folds=5, gap_s=10.0,
+                     nuisance=False, slice_time_ref=0.5, device="cpu")
+    label_kw = dict(bold=bold, mask=mask, story=(0, T), delays=None, atlases=["kong2019"],
+                    labels=None, threshold=1.96, null="shift", n_null=100, seed=0)
+    ref = _fit(X, 0)
+    res, _ = fit_atom_encoding(atoms=ref.atoms, **encode_kw)
+    np.save(tmp_path / "atoms.npy", ref.atoms)
+    np.savez(tmp_path / "maps.npz", **res["maps"])
+    labels, lmeta = label_participant(atoms=tmp_path / "atoms.npy",
+                                      maps=tmp_path / "maps.npz", **label_kw)
+    sig = labels[labels["q"] < 0.05]
+    assert set(sig["network"]) == {"DefaultA"}
+    kw = dict(n_atoms=K, alpha=None, seed=0, ks=(K,), encode_kw=encode_kw,
+              label_kw=label_kw, learn_kw=dict(device="cpu", n_threads=1), n_random=20)
+    # the reported fit's files, as the dictionary and label nodes leave them, through the
+    # StabilityLabels interface
+    import json
+
+    import scipy.sparse as sp
+
+    from bids_llm_encode.interfaces.dictionary import StabilityLabels
+
+    np.save(tmp_path / "responses.npy", X)
+    sp.save_npz(tmp_path / "loadings.npz", sp.csr_matrix(ref.loadings))
+    (tmp_path / "dictionary.json").write_text(json.dumps({"alpha": ref.meta.get("alpha")}))
+    labels.to_csv(tmp_path / "networks.tsv", sep="\t", index=False)
+    node = StabilityLabels(
+        responses=str(tmp_path / "responses.npy"), loadings=str(tmp_path / "loadings.npz"),
+        dictionary_meta=str(tmp_path / "dictionary.json"),
+        networks=str(tmp_path / "networks.tsv"), an_subsample=None, seed=0, device="cpu",
+        ks=[K], encode_kw=encode_kw, label_kw=label_kw)
+    (tmp_path / "node").mkdir()
+    monkeypatch.chdir(tmp_path / "node")
+    stab_tsv = node.run().outputs.stability
+    table = pd.read_csv(stab_tsv, sep="\t")
+    assert list(table["seed"]) == [1] and table["n_labelled"].iloc[0] == sig["atom"].nunique()
+    assert table["label_kept"].iloc[0] == 1.0
+    # ... and through the scan's sink (WriteParticipantOutputs) into sub-*/func/
+    from bids_llm_encode.interfaces.derivatives import WriteParticipantOutputs
+
+    (tmp_path / "encoding.json").write_text(json.dumps(res["meta"], default=str))
+    (tmp_path / "networks.json").write_text(json.dumps(lmeta, default=str))
+    out = tmp_path / "out"
+    WriteParticipantOutputs(
+        output_dir=str(out), entities={"sub": "001", "task": "pieman", "space": "MNI",
+                                       "model": "sim"},
+        bold=bold, mask=mask, maps=str(tmp_path / "maps.npz"),
+        encoding_meta=str(tmp_path / "encoding.json"), networks=str(tmp_path / "networks.tsv"),
+        networks_meta=str(tmp_path / "networks.json"),
+        dictionary_meta=str(tmp_path / "dictionary.json"), settings={},
+        stability=stab_tsv).run()
+    written = out / "sub-001" / "func" / "sub-001_task-pieman_space-MNI_model-sim_stability.tsv"
+    assert pd.read_csv(written, sep="\t")["label_kept"].tolist() == [1.0]
+    assert {"n_labelled", "label_kept"} <= set(json.loads(
+        written.with_suffix(".json").read_text()))
+    moved = labels.copy()
+    moved["atom"] = moved["atom"] % K + 1  # every label on the next atom
+    assert scan_label_persistence(X, ref.loadings, moved, **kw)["label_kept"].iloc[0] == 0.0
+
+
+@pytest.mark.slow
+def test_participant_level_writes_per_scan_label_persistence(tmp_path):
+    """App level (simulated 8 mm scan, 500 ANs drawn, k = 8): --dictionary-stability writes
+    sub-*/func/*_stability.tsv with label_kept for every re-fit; its re-fits are those of
+    atoms/*_stability.tsv (same ANs, same k and seeds: same Jaccard), and n_labelled counts
+    the atoms labelled in the scan's own networks table. ~35 s on 2 cores."""
+    import json
+
+    from bids_llm_encode.cli.run import main
+    from bids_llm_encode.simulate import simulate_dataset
+
+    simulate_dataset(tmp_path / "bids", n_participants=1, resolution=8, seed=0,
+                     progress=False)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "bids"), str(out), "participant", "-w", str(tmp_path / "w"),
+                 "--dictionary-stability", "--an-subsample", "500", "--n-atoms", "8",
+                 "--n-null", "100", "--nprocs", "1", "--no-reports"]) == 0
+    func = out / "sub-001" / "func"
+    (path,) = func.glob("sub-001_task-pieman_*_model-smollm2_stability.tsv")
+    table = pd.read_csv(path, sep="\t")
+    assert {"n_labelled", "label_kept"} <= set(table.columns)
+    assert len(table) == 2 * len(STABILITY_K)  # k = 8 is not among them: both seeds each
+    nets = pd.read_csv(next(func.glob("*_networks.tsv")), sep="\t")
+    assert (table["n_labelled"] == nets.loc[nets["q"] < 0.05, "atom"].nunique()).all()
+    kept = table["label_kept"].dropna()
+    assert kept.between(0, 1).all() and len(kept) == (len(table) if table["n_labelled"].iloc[0]
+                                                      else 0)
+    atoms = pd.read_csv(next((out / "atoms").glob("*_stability.tsv")), sep="\t")
+    np.testing.assert_allclose(table["mean_jaccard"], atoms["mean_jaccard"])
+    assert {"n_labelled", "label_kept"} <= set(json.loads(path.with_suffix(".json")
+                                                          .read_text()))

@@ -95,6 +95,55 @@ def test_an_subsample_equal_across_models_in_the_graph(tmp_path):
 
 
 @requires_shared
+def test_dictionary_stability_wires_one_label_persistence_node_per_scan(tmp_path):
+    from bids_llm_encode.dictionary.stability import STABILITY_K
+
+    specs = _scans(["001", "002"], ["pieman"], tmp_path)
+    models = ["smollm2", "minilm"]
+    assert not [n for n in _names(init_bids_llm_encode_wf(_settings(tmp_path), specs))
+                if n.startswith("stability_")]  # opt-in
+    wf = init_bids_llm_encode_wf(_settings(tmp_path, model=models, dictionary_stability=True,
+                                           an_subsample=300, seed=3, delays=[2, 3]), specs)
+    _assert_mandatory_inputs_given(wf)
+    nodes = {n.name: n for n in wf._graph.nodes()}
+    edges = {(u.name, v.name): d["connect"] for u, v, d in wf._graph.edges(data=True)}
+    stab = [n for n in nodes if n.startswith("stability_")]
+    assert len(stab) == len(specs) * len(models)
+    for spec in specs:
+        for model in models:
+            scan = f"{spec.scan_id}_{model}".replace("-", "_")
+            node = nodes[f"stability_{scan}"]
+            into = {dest: (u, src) for (u, v), conn in edges.items() if v == node.name
+                    for src, dest in conn}
+            assert into["networks"] == (f"label_{scan}", "networks")
+            assert into["responses"][0].startswith("extract_") and into["responses"][0] \
+                .endswith(model) and not into["responses"][0].startswith("extract_layers")
+            assert into["loadings"][0] == into["dictionary_meta"][0]
+            dict_node = into["loadings"][0]
+            assert dict_node.startswith("dictionary_") and dict_node.endswith(model)
+            assert (dict_node, f"encode_{scan}") in edges  # the scan's own dictionary
+            assert ("stability", "stability") in edges[(node.name, f"sink_{scan}")]
+            i = node.inputs
+            assert (list(i.ks), i.an_subsample, i.seed, i.device) == (
+                list(STABILITY_K), 300, 3, Settings.default("device"))
+            enc, lab = nodes[f"encode_{scan}"].inputs, nodes[f"label_{scan}"].inputs
+            story = (enc.trs_start, enc.trs_stop)
+            for key, val in i.encode_kw.items():  # exactly what the scan's encoding gets
+                want = story if key == "story" else getattr(enc, key)
+                assert (list(val) if isinstance(val, (list, tuple)) else val) == (
+                    list(want) if isinstance(want, (list, tuple)) else want), key
+            assert set(i.encode_kw) == {"bold", "mask", "alignment", "audio_onset", "tr",
+                                        "n_trs", "story", "hrf", "delays", "folds", "gap_s",
+                                        "nuisance", "slice_time_ref", "device"}
+            for key, val in i.label_kw.items():  # and its labelling
+                want = (lab.trs_start, lab.trs_stop) if key == "story" else getattr(lab, key)
+                assert (list(val) if isinstance(val, (list, tuple)) else val) == (
+                    list(want) if isinstance(want, (list, tuple)) else want), key
+            assert set(i.label_kw) == {"bold", "mask", "story", "delays", "atlases", "labels",
+                                       "threshold", "null", "n_null", "seed"}
+
+
+@requires_shared
 def test_participant_graph_without_reports_has_no_report_nodes(tmp_path):
     specs = _scans(["002"], ["pieman"], tmp_path)
     wf = init_bids_llm_encode_wf(_settings(tmp_path, reports=False), specs)

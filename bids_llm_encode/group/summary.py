@@ -225,8 +225,9 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
                                 stimulus),
                 nib.Nifti1Image(rel, mask_img.affine)))
     written += write_maps(out, dict(ent, model=model), geom, maps, sidecar)
-    written += _write_paper_analyses(settings, out, stem, table, tables, atoms, coefs, task,
-                                     model, records)
+    paper, measures = _write_paper_analyses(settings, out, stem, table, tables, atoms, coefs,
+                                            task, model, records)
+    written += paper
     return {"model": model, "table": table, "r2_mean": r2_mean, "reliable": reliable,
             "n_participants": len(records), "k": k, "atoms": atoms,
             # what must be equal across models (compare_models checks it)
@@ -235,6 +236,7 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
                             "an_subsample": settings.an_subsample},
             # per participant, for the model comparison (bootstrap over participants)
             "r2_maps": [np.asarray(r, np.float32) for r in r2s], "participant_tables": tables,
+            "participant_measures": measures,  # sections 1-2 per participant (models.tsv)
             "participants": [r["sub"] + (f"_run-{r['run']}" if r.get("run") else "")
                              for r in records],
             "written": [str(p) for p in written]}
@@ -282,18 +284,21 @@ def _to_common(Y, g, geom):
 
 
 def _write_paper_analyses(settings, out, stem, table, tables, atoms, coefs, task, model,
-                          records) -> list:
-    """group/<stem>_{layers,consistency,diversity,agreement}.tsv (group.analyses)."""
+                          records) -> tuple[list, dict]:
+    """group/<stem>_{layers,consistency,diversity,agreement}.tsv (group.analyses); also
+    returns the per-participant measures of group.analyses.model_measures."""
     from ..derivatives import write_tsv
-    from .analyses import paper_analyses, read_dictionary
+    from .analyses import model_measures, paper_analyses, read_dictionary
 
     path = _atoms_path(settings.output_dir, task, model, records)
     loadings, units = read_dictionary(path) if path is not None else (None, None)
     # the group functions count atoms from 0 in ``tables``; the analyses from 1
-    results = paper_analyses(table, [t.assign(atom=t["atom"] + 1) for t in tables], atoms,
-                             coefs, loadings, units, n_perm=settings.n_null,
-                             seed=settings.seed)
-    return [write_tsv(out / f"{stem}_{name}.tsv", frame) for name, frame in results.items()]
+    one_based = [t.assign(atom=t["atom"] + 1) for t in tables]
+    results = paper_analyses(table, one_based, atoms, coefs, loadings, units,
+                             n_perm=settings.n_null, seed=settings.seed)
+    measures = model_measures(one_based, atoms, coefs, loadings, units)
+    return ([write_tsv(out / f"{stem}_{name}.tsv", frame) for name, frame in results.items()],
+            measures)
 
 
 def _atoms_path(output_dir, task, model, records=()):
@@ -403,6 +408,7 @@ def compare_models(output_dir, task: str, space: str, summaries: list[dict],
                          r2_maps=s.get("r2_maps", [s["r2_mean"]]),
                          participant_tables=s.get("participant_tables"),
                          participants=s.get("participants", range(len(s.get("r2_maps", [0])))),
+                         participant_measures=s.get("participant_measures"),
                          reliability_mask=s["reliable"])
         for s in summaries})
     folder = Path(output_dir) / "group"

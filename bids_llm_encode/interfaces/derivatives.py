@@ -66,6 +66,8 @@ class _PartSinkInputSpec(BaseInterfaceInputSpec):
     dictionary_meta = File(exists=True, mandatory=True)
     settings = traits.Dict(mandatory=True)
     identity = traits.Dict({}, usedefault=True, desc="stimulus identity for the sidecar")
+    stability = traits.Either(None, File(exists=True), default=None, usedefault=True,
+                              desc="--dictionary-stability: StabilityLabels' TSV")
 
 
 class WriteParticipantOutputs(SimpleInterface):
@@ -85,7 +87,7 @@ class WriteParticipantOutputs(SimpleInterface):
             baseline_maps=i.baseline_maps, networks=i.networks,
             networks_meta=_read_json(i.networks_meta),
             dictionary_meta=_read_json(i.dictionary_meta), settings=i.settings,
-            identity=i.identity)
+            identity=i.identity, stability=i.stability)
         return runtime
 
 

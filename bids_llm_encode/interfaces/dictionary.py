@@ -87,3 +87,57 @@ class LearnDictionary(ThreadedInterface):
         self.save_json(runtime, "dictionary.json", meta)
         self._results.update(out)
         return runtime
+
+
+class _StabilityLabelsInputSpec(ThreadedInputSpec):
+    responses = File(exists=True, mandatory=True, desc="AN regressors (.npy) of the dictionary")
+    loadings = File(exists=True, mandatory=True, desc="the reported fit's loadings (.npz)")
+    dictionary_meta = File(exists=True, mandatory=True, desc="the reported fit's sidecar")
+    networks = File(exists=True, mandatory=True, desc="this scan's networks TSV (1-based)")
+    an_subsample = traits.Either(None, traits.Int, mandatory=True)
+    seed = traits.Int(mandatory=True)
+    device = traits.Str(mandatory=True)
+    ks = traits.List(traits.Int, mandatory=True, desc="k of the re-fits "
+                     "(dictionary.stability.STABILITY_K)")
+    encode_kw = traits.Dict(mandatory=True, desc="pipeline.fit_atom_encoding keywords "
+                            "(bold, mask, alignment, audio_onset, tr, n_trs, story, hrf, "
+                            "delays, folds, gap_s, nuisance, slice_time_ref, device)")
+    label_kw = traits.Dict(mandatory=True, desc="pipeline.label_participant keywords "
+                           "(bold, mask, story, delays, atlases, labels, threshold, null, "
+                           "n_null, seed)")
+
+
+class _StabilityLabelsOutputSpec(TraitedSpec):
+    stability = File(exists=True, desc="TSV: seed_k_stability columns + n_labelled label_kept")
+
+
+class StabilityLabels(ThreadedInterface):
+    """--dictionary-stability for one scan: re-fits encoded and labelled like the reported
+    atoms; does the matched atom keep its network label (pipeline.scan_label_persistence)?"""
+
+    input_spec = _StabilityLabelsInputSpec
+    output_spec = _StabilityLabelsOutputSpec
+
+    def _run(self, runtime):
+        import json
+
+        import scipy.sparse as sp
+
+        from ..dictionary.stability import an_subsample
+        from ..pipeline import scan_label_persistence
+
+        inp = self.inputs
+        X = np.load(inp.responses)
+        cols = an_subsample(X.shape[1], inp.an_subsample, inp.seed)
+        meta = json.loads(open(inp.dictionary_meta).read())
+        loadings = sp.load_npz(inp.loadings).tocsc()[:, cols]
+        table = scan_label_persistence(
+            np.ascontiguousarray(X[:, cols]), loadings,
+            pd.read_csv(inp.networks, sep="\t"), n_atoms=int(loadings.shape[0]),
+            alpha=meta.get("alpha"), seed=inp.seed, ks=list(inp.ks),
+            encode_kw=dict(inp.encode_kw), label_kw=dict(inp.label_kw),
+            learn_kw=dict(device=inp.device))
+        out = os.path.join(runtime.cwd, "stability.tsv")
+        table.to_csv(out, sep="\t", index=False, na_rep="n/a")
+        self._results.update(stability=out)
+        return runtime

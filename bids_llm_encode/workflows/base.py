@@ -19,8 +19,9 @@ from ..bids_inputs import (
 )
 from ..config import Settings
 from ..derivatives import model_label
+from ..dictionary.stability import STABILITY_K
 from ..interfaces.derivatives import WriteParticipantOutputs, WriteStimulusOutputs
-from ..interfaces.dictionary import LearnDictionary
+from ..interfaces.dictionary import LearnDictionary, StabilityLabels
 from ..interfaces.encoding import FitEncoding
 from ..interfaces.extraction import ExtractResponses
 from ..interfaces.networks import LabelNetworks
@@ -32,11 +33,8 @@ from .nodes import estimate_mem_gb, gather, make_node, safe_name, scan_n_voxels
 def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
     """The participant-level graph for every scan in ``specs`` (found if not given)."""
     if specs is None:
-        specs = find_scans(
-            settings.bids_dir, settings.participant_label, settings.task_label,
-            derivatives=settings.derivatives, space=settings.space, exclude=settings.exclude,
-            validate=not settings.skip_bids_validation, trust_tr=settings.trusted_tr(),
-        )
+        specs = find_scans(settings.bids_dir, settings.participant_label, settings.task_label,
+                           **settings.scan_query())
     wf = pe.Workflow(name="bids_llm_encode_wf", base_dir=str(settings.work_dir))
     out_dir = str(settings.output_dir)
     cfg = settings.node_inputs()
@@ -96,7 +94,7 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
             for spec in group:
                 sink = _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary,
                                         baseline_src, cfg, mem, identity,
-                                        label if task in several else None)
+                                        label if task in several else None, extract)
                 sinks_by_subject[spec.subject] += [sink, stim_sink]
     if settings.reports:
         for subject, sinks in sorted(sinks_by_subject.items()):
@@ -112,26 +110,27 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
 
 
 def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, baseline_src,
-                     cfg, mem, identity, stim):
+                     cfg, mem, identity, stim, extract):
     crash_dir = Path(settings.output_dir) / f"sub-{spec.subject}" / "log"
     name = f"{safe_name(spec.scan_id)}_{mlabel}"
     nvox_mem = estimate_mem_gb(common["trs_stop"] - common["trs_start"], 1,
                                scan_n_voxels(spec.bold, spec.mask))
-    encode = make_node(FitEncoding(
-        bold=spec.bold, mask=spec.mask, hrf=settings.hrf, delays=settings.delays,
-        folds=settings.folds, gap_s=settings.gap_s, nuisance=settings.nuisance,
-        slice_time_ref=settings.slice_time_ref, device=settings.device, **common,
-    ), f"encode_{name}", nvox_mem["encode"], n_procs=settings.node_threads(),
-        crash_dir=crash_dir)
+    # one set of encoding / labelling inputs: the scan's nodes and --dictionary-stability
+    enc_in = dict(bold=spec.bold, mask=spec.mask, hrf=settings.hrf, delays=settings.delays,
+                  folds=settings.folds, gap_s=settings.gap_s, nuisance=settings.nuisance,
+                  slice_time_ref=settings.slice_time_ref, device=settings.device)
+    lab_in = dict(bold=spec.bold, mask=spec.mask, delays=settings.delays,
+                  atlases=settings.fbn_atlas, labels=settings.fbn_labels,
+                  threshold=settings.map_threshold, null=settings.null,
+                  n_null=settings.n_null, seed=settings.seed)
+    encode = make_node(FitEncoding(**enc_in, **common), f"encode_{name}", nvox_mem["encode"],
+                       n_procs=settings.node_threads(), crash_dir=crash_dir)
     wf.connect(dictionary, "atoms", encode, "atoms")
     if baseline_src is not None:
         wf.connect([(baseline_src, encode, [("responses", "baseline_responses"),
                                             ("units", "baseline_units")])])
     label = make_node(LabelNetworks(
-        bold=spec.bold, mask=spec.mask, trs_start=common["trs_start"],
-        trs_stop=common["trs_stop"], delays=settings.delays, atlases=settings.fbn_atlas,
-        labels=settings.fbn_labels, threshold=settings.map_threshold, null=settings.null,
-        n_null=settings.n_null, seed=settings.seed,
+        trs_start=common["trs_start"], trs_stop=common["trs_stop"], **lab_in,
     ), f"label_{name}", nvox_mem["label"], n_procs=settings.node_threads(),
         crash_dir=crash_dir)
     wf.connect([(dictionary, label, [("atoms", "atoms")]), (encode, label, [("maps", "maps")])])
@@ -150,4 +149,30 @@ def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, base
         (label, sink, [("networks", "networks"), ("meta", "networks_meta")]),
         (dictionary, sink, [("meta", "dictionary_meta")]),
     ])
+    if settings.dictionary_stability:  # re-fits encoded + labelled like the reported atoms
+        _add_stability_labels(wf, settings, name, enc_in, lab_in, common, extract, dictionary,
+                              label, sink, max(nvox_mem["encode"], nvox_mem["label"]),
+                              crash_dir)
     return sink
+
+
+def _add_stability_labels(wf, settings, name, enc_in, lab_in, common, extract, dictionary,
+                          label, sink, mem_gb, crash_dir):
+    """--dictionary-stability for one scan: does the matched atom of each re-fit keep its
+    network label? (interfaces.dictionary.StabilityLabels -> sub-*/func/*_stability.tsv)"""
+    story = (common["trs_start"], common["trs_stop"])
+    delays = settings.delays or None  # as FitEncoding / LabelNetworks pass them on
+    encode_kw = dict(enc_in, bold=list(enc_in["bold"]), delays=delays, story=story,
+                     **{k: common[k] for k in ("alignment", "audio_onset", "tr", "n_trs")})
+    label_kw = dict(lab_in, bold=list(lab_in["bold"]), delays=delays, story=story,
+                    atlases=list(lab_in["atlases"]))
+    stab = make_node(StabilityLabels(
+        ks=list(STABILITY_K), an_subsample=settings.an_subsample, seed=settings.seed,
+        device=settings.device, encode_kw=encode_kw, label_kw=label_kw,
+    ), f"stability_{name}", mem_gb, n_procs=settings.node_threads(), crash_dir=crash_dir)
+    wf.connect([
+        (extract, stab, [("responses", "responses")]),
+        (dictionary, stab, [("loadings", "loadings"), ("meta", "dictionary_meta")]),
+        (label, stab, [("networks", "networks")]),
+        (stab, sink, [("stability", "stability")]),
+    ])
