@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: The CLI's log level, passed to MultiProc workers (interfaces/base.py::_worker_logging).
+LOG_LEVEL_ENV = "BIDS_LLM_ENCODE_LOG_LEVEL"
 
 @dataclass
 class Settings:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..bids_inputs import load_bids_filters
 from ..checks import check_writable
-from ..config import Settings
+from ..config import LOG_LEVEL_ENV, Settings
 from ..errors import (
     EXIT_CANT_CREATE,
     EXIT_FAILURE,
@@ -95,7 +95,11 @@ def settings_from_args(args) -> Settings:
 def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    logging.getLogger("bids_llm_encode").setLevel(logging.INFO if verbose < 2 else logging.DEBUG)
+    level = logging.INFO if verbose < 2 else logging.DEBUG
+    logging.getLogger("bids_llm_encode").setLevel(level)
+    # MultiProc's forkserver workers start without this configuration; the interfaces
+    # read the level from here (interfaces/base.py::_worker_logging)
+    os.environ[LOG_LEVEL_ENV] = logging.getLevelName(level)
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).propagate = False  # nipype prints through its own handler
 

@@ -9,6 +9,7 @@ each start two BLAS threads and slow each other down several times.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import time
@@ -17,9 +18,24 @@ import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, traits
 
 from ..compute import reset_peak_rss, status_kb, thread_budget
+from ..config import LOG_LEVEL_ENV
 
 #: Per-node resource record written into the node's folder (read by the run log).
 PEAK_RSS_JSON = "peak_rss.json"
+
+
+def _worker_logging() -> None:
+    """In a MultiProc worker (no handler anywhere), log the package's messages (e.g. the
+    labelling nulls' seconds) to stderr at the CLI's level, in the CLI's format."""
+    level = os.environ.get(LOG_LEVEL_ENV)
+    pkg = logging.getLogger("bids_llm_encode")
+    if not level or logging.getLogger().handlers or pkg.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    pkg.addHandler(handler)
+    pkg.setLevel(level)
+    pkg.propagate = False
 
 
 def _write_peak_rss(cwd, reset: bool, seconds: float) -> None:
@@ -49,6 +65,7 @@ class ThreadedInterface(SimpleInterface):
     """Runs :meth:`_run` inside the node's thread budget; subclasses implement ``_run``."""
 
     def _run_interface(self, runtime):
+        _worker_logging()
         reset = reset_peak_rss()
         start = time.perf_counter()
         with thread_budget(self.inputs.num_threads):
