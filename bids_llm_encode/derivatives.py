@@ -136,15 +136,21 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def container_type() -> str | None:
-    """The container this process runs in, detected now (not assumed): "docker",
-    "apptainer", "singularity" or None."""
+def container_type(root: str | Path = "/") -> str | None:
+    """The container this process runs in, detected now (not assumed): "apptainer",
+    "singularity", "docker", "podman" (podman, buildah and CRI-O write
+    ``/run/.containerenv``), "oci" (our image's ``BIDS_LLM_ENCODE_CONTAINER`` is set but
+    the runtime left no marker, e.g. ``buildah run --isolation chroot``) or None."""
     if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("APPTAINER_NAME"):
         return "apptainer"
     if os.environ.get("SINGULARITY_CONTAINER") or os.environ.get("SINGULARITY_NAME"):
         return "singularity"
-    if Path("/.dockerenv").exists():
+    if (Path(root) / ".dockerenv").exists():
         return "docker"
+    if (Path(root) / "run" / ".containerenv").exists():
+        return "podman"
+    if os.environ.get("BIDS_LLM_ENCODE_CONTAINER"):
+        return "oci"
     return None
 
 

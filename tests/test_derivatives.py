@@ -151,11 +151,28 @@ def test_container_type_detected_at_run_time(tmp_path, monkeypatch, env, kind):
     assert gen["GeneratedBy"][0]["Container"] == {"Type": kind, "Tag": "bids_llm_encode:test"}
 
 
+def test_container_runtimes_without_environment_markers(tmp_path, monkeypatch):
+    """Docker's /.dockerenv, podman/buildah's /run/.containerenv, and our image's own
+    variable when a runtime leaves no marker; nothing at all: no container."""
+    for var in ("APPTAINER_CONTAINER", "APPTAINER_NAME", "SINGULARITY_CONTAINER",
+                "SINGULARITY_NAME", "BIDS_LLM_ENCODE_CONTAINER"):
+        monkeypatch.delenv(var, raising=False)
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    assert derivatives.container_type(root) is None
+    monkeypatch.setenv("BIDS_LLM_ENCODE_CONTAINER", "bids_llm_encode:test")
+    assert derivatives.container_type(root) == "oci"
+    (root / "run" / ".containerenv").write_text("")
+    assert derivatives.container_type(root) == "podman"
+    (root / ".dockerenv").write_text("")
+    assert derivatives.container_type(root) == "docker"
+
+
 def test_no_container_claimed_outside_one(tmp_path, monkeypatch):
     for var in ("APPTAINER_CONTAINER", "APPTAINER_NAME", "SINGULARITY_CONTAINER",
-                "SINGULARITY_NAME"):
+                "SINGULARITY_NAME", "BIDS_LLM_ENCODE_CONTAINER"):
         monkeypatch.delenv(var, raising=False)
-    if Path("/.dockerenv").exists():
+    if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
         pytest.skip("this test runs inside docker")
     derivatives.init_derivatives(tmp_path / "out", _bids(tmp_path / "in"))
     gen = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
