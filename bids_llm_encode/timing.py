@@ -132,12 +132,13 @@ class HRFAccumulator:
     kernel's tail; NaN onsets are skipped); memory is O(n_trs x n_features)."""
 
     def __init__(self, n_trs: int, n_features: int, tr: float, slice_time_ref: float = 0.5,
-                 hrf_model: str = "glover", block: int = 4096):
+                 hrf_model: str = "glover", block: int = 4096, max_cells: int = 2**22):
         self.n_trs, self.n_features, self.tr = n_trs, n_features, float(tr)
         self.slice_time_ref, self.hrf_model = float(slice_time_ref), hrf_model
         sample_times(tr, 1, slice_time_ref)  # validate
         hrf_function(0.0, hrf_model)
         self.block = block
+        self.max_cells = int(max_cells)
         self.X = np.zeros((n_trs, n_features), dtype=np.float32)
 
     def add(self, onsets: np.ndarray, values: np.ndarray) -> None:
@@ -148,11 +149,22 @@ class HRFAccumulator:
         values = np.asarray(values)
         if values.ndim == 1:
             values = values[:, None]
-        H = hrf_design(onsets[keep], self.tr, self.n_trs, self.slice_time_ref, self.hrf_model)
-        values = values[keep]
-        for lo in range(0, self.n_features, self.block):
-            hi = min(self.n_features, lo + self.block)
-            self.X[:, lo:hi] += (H @ values[:, lo:hi].astype(np.float64)).astype(np.float32)
+        onsets, values = onsets[keep], values[keep]
+        # H is n_trs x events: a boxcar at 0.1 s over a 2,249-TR story is 34k events, and
+        # the kernel's temporaries at once took 5 GB; events go in chunks of ~4M cells
+        step = max(1, self.max_cells // self.n_trs)
+        if step >= len(onsets):
+            H = hrf_design(onsets, self.tr, self.n_trs, self.slice_time_ref, self.hrf_model)
+            for lo in range(0, self.n_features, self.block):
+                hi = min(self.n_features, lo + self.block)
+                self.X[:, lo:hi] += (H @ values[:, lo:hi].astype(np.float64)).astype(np.float32)
+            return
+        total = np.zeros((self.n_trs, self.n_features))  # float64, as one product would be
+        for e0 in range(0, len(onsets), step):
+            H = hrf_design(onsets[e0: e0 + step], self.tr, self.n_trs, self.slice_time_ref,
+                           self.hrf_model)
+            total += H @ values[e0: e0 + step].astype(np.float64)
+        self.X += total.astype(np.float32)
 
 
 def hrf_regressors(values: np.ndarray, onsets: np.ndarray, tr: float, n_trs: int,

@@ -150,3 +150,20 @@ def test_fir_atom_energy_gets_the_atoms_delays():
         assert not out[:d, 6 + i].any()
     # HRF mode: one undelayed column, as before
     np.testing.assert_allclose(nuisance_with_atom_energy(nuis, atoms)[:, 6], energy, rtol=1e-6)
+
+
+def test_hrf_accumulator_in_event_chunks_equals_one_product():
+    """Events taken a chunk at a time (bounded memory for long stories) give the regressor
+    of one product over all events; NaN onsets are skipped in both."""
+    from bids_llm_encode.timing import HRFAccumulator
+
+    rng = np.random.default_rng(3)
+    onsets = np.sort(rng.uniform(-20.0, 400.0, 4000))
+    onsets[::97] = np.nan
+    values = rng.standard_normal((4000, 5))
+    whole = HRFAccumulator(260, 5, 1.5)
+    whole.add(onsets, values)
+    chunked = HRFAccumulator(260, 5, 1.5, max_cells=260 * 37)  # 37 events a chunk
+    chunked.add(onsets, values)
+    np.testing.assert_allclose(chunked.X, whole.X, rtol=1e-6, atol=1e-6 * np.abs(whole.X).max())
+    assert np.abs(whole.X).max() > 1.0  # the regressor is not trivially zero
