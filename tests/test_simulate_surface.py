@@ -122,10 +122,13 @@ def test_simulated_derivatives_validate(surface_sim):
 
 
 @pytest.mark.slow
-def test_participant_runs_on_simulated_fsaverage6(surface_sim, tmp_path, monkeypatch):
+def test_participant_runs_on_simulated_fsaverage6(surface_sim, tmp_path):
     """The whole participant pipeline on the short fsaverage6 scan, with the spin null on
     stand-in spheres (Fibonacci points: the real fsaverage6 sphere is not offline here)."""
-    from bids_llm_encode.cli.run import main
+    import os
+    import subprocess
+    import sys
+
     from bids_llm_encode.networks.spatial_nulls import fibonacci_sphere
 
     tf = tmp_path / "templateflow" / "tpl-fsaverage"
@@ -136,11 +139,16 @@ def test_participant_runs_on_simulated_fsaverage6(surface_sim, tmp_path, monkeyp
                                        datatype="NIFTI_TYPE_FLOAT32")
         nib.save(nib.GiftiImage(darrays=[arr]),
                  str(tf / f"tpl-fsaverage_hemi-{h}_den-41k_sphere.surf.gii"))
-    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "templateflow"))
+    # a fresh process: MultiProc's forkserver, once started by an earlier in-process run of
+    # the suite, keeps the environment it started with (TEMPLATEFLOW_HOME unset)
+    env = dict(os.environ, TEMPLATEFLOW_HOME=str(tmp_path / "templateflow"))
     out, work = tmp_path / "out", tmp_path / "work"
-    assert main([str(surface_sim["bids"]), str(out), "participant", "-w", str(work),
-                 "--space", "fsaverage6", "--null", "spin", "--n-null", "50", "--n-atoms", "8",
-                 "--nprocs", "2", "--no-reports"]) == 0
+    run = subprocess.run([sys.executable, "-m", "bids_llm_encode.cli.run",
+                          str(surface_sim["bids"]), str(out), "participant", "-w", str(work),
+                          "--space", "fsaverage6", "--null", "spin", "--n-null", "50",
+                          "--n-atoms", "8", "--nprocs", "2", "--no-reports"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
     maps = sorted(out.rglob("*_hemi-L_*statmap.func.gii"))
     assert maps, sorted(p.name for p in out.rglob("*"))[:30]
     img = nib.load(maps[0])
