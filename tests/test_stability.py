@@ -253,11 +253,56 @@ def test_models_table_one_row_per_model_and_measure(tmp_path):
     assert set(long["model"]) == {"smollm2", "minilm"}
     assert {"mean_r2_reliable", "fraction_atoms_labelled"} <= set(long["measure"])
     assert (long["n_participants"] == 4).all()
-    assert (long["an_subsample"] == 300).all()
+    assert (long["units"] == "subsample-300").all()  # summaries without their own units
     r2 = long[long["measure"] == "mean_r2_reliable"].set_index("model")
     assert r2.loc["minilm", "value"] == pytest.approx(0.15, abs=0.01)
     assert (r2["ci_low"] <= r2["value"]).all() and (r2["value"] <= r2["ci_high"]).all()
     assert r2.loc["smollm2", "ci_high"] < r2.loc["minilm", "ci_low"]
+
+
+def test_models_table_full_and_subsampled_model_of_one_run(tmp_path):
+    """--an-subsample 300 in one run: the full model and its <model>sub300 branch are two
+    models of models.tsv, each with its own units, compared pairwise; the subsample is
+    read from each model's atoms sidecar (Dictionary.an_subsample)."""
+    import json
+
+    from bids_llm_encode.config import Settings
+    from bids_llm_encode.errors import InputDataError
+    from bids_llm_encode.group.summary import compare_models, model_units
+
+    (tmp_path / "group").mkdir()
+    (tmp_path / "atoms").mkdir()
+    recs = {}
+    for label, sub in (("smollm2", None), ("smollm2sub300", {"n": 300, "seed": 7,
+                                                             "n_ans_model": 3000})):
+        name = f"atoms/task-pieman_model-{label}_atoms"
+        (tmp_path / f"{name}.json").write_text(json.dumps({"Dictionary": {
+            "alpha": 0.1, "an_subsample": sub}}))
+        (tmp_path / f"{name}.tsv").write_text("onset\tatom01\n0\t1\n")
+        recs[label] = [{"atoms_file": f"{name}.tsv"}]
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path, analysis_level=[],
+                        an_subsample=300, seed=7)
+    units = {m: model_units(settings, "pieman", m, r) for m, r in recs.items()}
+    assert units["smollm2"] == {"n": None, "seed": None, "text": "all"}
+    assert units["smollm2sub300"] == {"n": 300, "seed": 7, "text": "subsample-300 (seed 7)"}
+    summaries = _summaries(np.random.default_rng(0))
+    for s, label in zip(summaries, ("smollm2", "smollm2sub300")):
+        s["model"], s["units"] = label, units[label]["text"]
+        s["equal_terms"] = dict(s["equal_terms"], an_subsample=units[label]["n"])
+    compare_models(tmp_path, "pieman", "MNI", summaries)
+    long = pd.read_csv(tmp_path / "group" / "task-pieman_space-MNI_models.tsv", sep="\t")
+    assert "an_subsample" not in long.columns
+    got = long.groupby("model")["units"].unique().to_dict()
+    assert {m: list(u) for m, u in got.items()} == {
+        "smollm2": ["all"], "smollm2sub300": ["subsample-300 (seed 7)"]}
+    paired = pd.read_csv(tmp_path / "group" / "task-pieman_space-MNI_networks-by-model-"
+                         "paired.tsv", sep="\t")
+    assert {(a, b) for a, b in zip(paired["model_a"], paired["model_b"])} == {
+        ("smollm2", "smollm2sub300")}
+    # two subsampled models that drew different N are not on equal terms
+    summaries[0]["equal_terms"] = dict(summaries[0]["equal_terms"], an_subsample=200)
+    with pytest.raises(InputDataError, match="different numbers of ANs"):
+        compare_models(tmp_path, "pieman", "MNI", summaries)
 
 
 @pytest.mark.parametrize("terms2, k2, what", [
@@ -331,7 +376,7 @@ def test_group_report_draws_models_ci_figure_and_stability_tables(tmp_path):
     assert (tmp_path / "group" / "figures" / "task-pieman_space-MNI_desc-models_ci.png").stat(
         ).st_size > 1000
     assert "task-pieman_model-minilm_stability.tsv" in html
-    assert "ANs per model: 300" in html
+    assert "ANs per model: smollm2: subsample-300; minilm: subsample-300" in html
 
 
 def test_stability_table_sidecar_describes_every_column(tmp_path):
@@ -461,16 +506,51 @@ def test_participant_level_writes_per_scan_label_persistence(tmp_path):
                  "--dictionary-stability", "--an-subsample", "500", "--n-atoms", "8",
                  "--n-null", "100", "--nprocs", "1", "--no-reports"]) == 0
     func = out / "sub-001" / "func"
-    (path,) = func.glob("sub-001_task-pieman_*_model-smollm2_stability.tsv")
+    (path,) = func.glob("sub-001_task-pieman_*_model-smollm2sub500_stability.tsv")
     table = pd.read_csv(path, sep="\t")
     assert {"n_labelled", "label_kept"} <= set(table.columns)
     assert len(table) == 2 * len(STABILITY_K)  # k = 8 is not among them: both seeds each
-    nets = pd.read_csv(next(func.glob("*_networks.tsv")), sep="\t")
+    nets = pd.read_csv(next(func.glob("*_model-smollm2sub500_networks.tsv")), sep="\t")
     assert (table["n_labelled"] == nets.loc[nets["q"] < 0.05, "atom"].nunique()).all()
     kept = table["label_kept"].dropna()
     assert kept.between(0, 1).all() and len(kept) == (len(table) if table["n_labelled"].iloc[0]
                                                       else 0)
-    atoms = pd.read_csv(next((out / "atoms").glob("*_stability.tsv")), sep="\t")
+    atoms = pd.read_csv(next((out / "atoms").glob("*_model-smollm2sub500_stability.tsv")),
+                        sep="\t")
     np.testing.assert_allclose(table["mean_jaccard"], atoms["mean_jaccard"])
     assert {"n_labelled", "label_kept"} <= set(json.loads(path.with_suffix(".json")
                                                           .read_text()))
+
+
+@pytest.mark.slow
+def test_one_run_reports_full_and_subsampled_model(tmp_path):
+    """App level (simulated 8 mm scans, k = 8): ONE participant run with --an-subsample 500
+    writes the full model's and the smollm2sub500 model's networks tables and atoms; the
+    group run (2 participants, its minimum) writes models.tsv with both as models
+    (units all / subsample-500 (seed 0))."""
+    import json
+
+    from bids_llm_encode.cli.run import main
+    from bids_llm_encode.simulate import simulate_dataset
+
+    simulate_dataset(tmp_path / "bids", n_participants=2, resolution=8, seed=0,
+                     progress=False)
+    out = tmp_path / "out"
+    args = ["-w", str(tmp_path / "w"), "--an-subsample", "500", "--n-atoms", "8",
+            "--n-null", "50", "--nprocs", "1", "--no-reports"]
+    assert main([str(tmp_path / "bids"), str(out), "participant", *args]) == 0
+    func = out / "sub-001" / "func"
+    for label in ("smollm2", "smollm2sub500"):
+        assert len(list(func.glob(f"sub-001_task-pieman_*_model-{label}_networks.tsv"))) == 1
+    side = {label: json.loads(next((out / "atoms").glob(
+        f"*_model-{label}_atoms.json")).read_text())["Dictionary"]
+        for label in ("smollm2", "smollm2sub500")}
+    assert side["smollm2"]["an_subsample"] is None and side["smollm2"]["n_ans"] > 500
+    assert side["smollm2sub500"]["an_subsample"]["n"] == 500
+    assert side["smollm2sub500"]["n_ans"] == 500
+    assert main([str(tmp_path / "bids"), str(out), "group", *args]) == 0
+    (path,) = (out / "group").glob("*_models.tsv")
+    long = pd.read_csv(path, sep="\t")
+    got = long.groupby("model")["units"].unique().to_dict()
+    assert {m: list(u) for m, u in got.items()} == {
+        "smollm2": ["all"], "smollm2sub500": ["subsample-500 (seed 0)"]}

@@ -85,13 +85,48 @@ def test_participant_graph_nodes_and_edges(tmp_path, models, baseline):
 
 @requires_shared
 def test_an_subsample_equal_across_models_in_the_graph(tmp_path):
+    """--an-subsample N: per model the full branch AND one on N drawn ANs (label
+    <model>sub<N>), both fed by the model's one extraction and fully wired down to the
+    participant sinks; N, seed and k equal across models."""
     specs = _scans(["002"], ["pieman"], tmp_path)
-    wf = init_bids_llm_encode_wf(_settings(tmp_path, model=["smollm2", "minilm"],
-                                           an_subsample=300, seed=4), specs)
-    nodes = [n for n in wf._graph.nodes() if n.name.startswith("dictionary_")]
-    assert {n.name.rsplit("_", 1)[1] for n in nodes} == {"smollm2", "minilm"}
-    assert {(n.inputs.an_subsample, n.inputs.seed, n.inputs.n_atoms) for n in nodes} == {
-        (300, 4, Settings.default("n_atoms"))}
+    models = ["smollm2", "minilm"]
+    wf = init_bids_llm_encode_wf(_settings(tmp_path, model=models, an_subsample=300,
+                                           seed=4), specs)
+    _assert_mandatory_inputs_given(wf)
+    nodes = {n.name: n for n in wf._graph.nodes()}
+    edges = _edges(wf)
+    dicts = {name.rsplit("_", 1)[1]: n for name, n in nodes.items()
+             if name.startswith("dictionary_")}
+    assert set(dicts) == {"smollm2", "minilm", "smollm2sub300", "minilmsub300"}
+    k = Settings.default("n_atoms")
+    for model in models:
+        assert (dicts[model].inputs.an_subsample, dicts[model].inputs.seed) == (None, 4)
+        assert (dicts[f"{model}sub300"].inputs.an_subsample,
+                dicts[f"{model}sub300"].inputs.seed) == (300, 4)
+        assert dicts[model].inputs.n_atoms == dicts[f"{model}sub300"].inputs.n_atoms == k
+        (extract,) = [n for n in nodes if n.startswith("extract_") and n.endswith(model)]
+        for label in (model, f"{model}sub300"):
+            dname = next(n for n in nodes if n.startswith("dictionary_")
+                         and n.endswith(f"_{label}"))
+            assert (extract, dname) in edges  # one extraction feeds both dictionaries
+            stem = dname[len("dictionary_"):]
+            assert (dname, f"sink_atoms_{stem}") in edges
+            assert nodes[f"sink_atoms_{stem}"].inputs.model == label
+            for spec in specs:
+                scan = f"{spec.scan_id}_{label}".replace("-", "_")
+                assert {(dname, f"encode_{scan}"), (dname, f"label_{scan}"),
+                        (f"encode_{scan}", f"sink_{scan}"),
+                        (f"label_{scan}", f"sink_{scan}")} <= edges
+                assert nodes[f"sink_{scan}"].inputs.entities["model"] == label
+                assert nodes[f"sink_{scan}"].inputs.identity["AtomsFile"].endswith(
+                    f"_model-{label}_atoms.tsv")
+    # without the option nothing changes: one dictionary per model, every AN
+    plain = init_bids_llm_encode_wf(_settings(tmp_path, model=models, seed=4), specs)
+    pdicts = [n for n in plain._graph.nodes() if n.name.startswith("dictionary_")]
+    assert {n.name.rsplit("_", 1)[1] for n in pdicts} == set(models)
+    assert {n.inputs.an_subsample for n in pdicts} == {None}
+    assert not [n for n in _names(plain) if "sub300" in n]
+    assert _names(plain) < set(nodes)  # the full branch is exactly the plain graph's
 
 
 @requires_shared
@@ -108,10 +143,11 @@ def test_dictionary_stability_wires_one_label_persistence_node_per_scan(tmp_path
     nodes = {n.name: n for n in wf._graph.nodes()}
     edges = {(u.name, v.name): d["connect"] for u, v, d in wf._graph.edges(data=True)}
     stab = [n for n in nodes if n.startswith("stability_")]
-    assert len(stab) == len(specs) * len(models)
+    assert len(stab) == len(specs) * len(models) * 2  # full and <model>sub300 branches
     for spec in specs:
-        for model in models:
-            scan = f"{spec.scan_id}_{model}".replace("-", "_")
+        for model, label, n_sub in [(m, lab, n) for m in models
+                                    for lab, n in ((m, None), (f"{m}sub300", 300))]:
+            scan = f"{spec.scan_id}_{label}".replace("-", "_")
             node = nodes[f"stability_{scan}"]
             into = {dest: (u, src) for (u, v), conn in edges.items() if v == node.name
                     for src, dest in conn}
@@ -120,12 +156,12 @@ def test_dictionary_stability_wires_one_label_persistence_node_per_scan(tmp_path
                 .endswith(model) and not into["responses"][0].startswith("extract_layers")
             assert into["loadings"][0] == into["dictionary_meta"][0]
             dict_node = into["loadings"][0]
-            assert dict_node.startswith("dictionary_") and dict_node.endswith(model)
+            assert dict_node.startswith("dictionary_") and dict_node.endswith(f"_{label}")
             assert (dict_node, f"encode_{scan}") in edges  # the scan's own dictionary
             assert ("stability", "stability") in edges[(node.name, f"sink_{scan}")]
             i = node.inputs
             assert (list(i.ks), i.an_subsample, i.seed, i.device) == (
-                list(STABILITY_K), 300, 3, Settings.default("device"))
+                list(STABILITY_K), n_sub, 3, Settings.default("device"))
             enc, lab = nodes[f"encode_{scan}"].inputs, nodes[f"label_{scan}"].inputs
             story = (enc.trs_start, enc.trs_stop)
             for key, val in i.encode_kw.items():  # exactly what the scan's encoding gets

@@ -241,10 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=Settings.default("seed"), help="random seed (default: %(default)s)")
     g.add_argument(
         "--an-subsample", type=_positive_int, default=Settings.default("an_subsample"),
-        metavar="N", help="size control: draw N ANs per model (the same N for every "
-        "--model, seeded by --seed; rerun with other seeds to repeat the draw) before the "
-        "dictionary, so that a larger model does not win by having more units "
-        "(default: every AN)",
+        metavar="N", help="size control: besides the full dictionary, learn one on N ANs "
+        "drawn per model (the same N for every --model, seeded by --seed; rerun with other "
+        "seeds to repeat the draw), written as model '<model>sub<N>', so that one run reports "
+        "the full and the subsampled result and a larger model does not win by having more "
+        "units (default: every AN, no subsampled dictionary)",
     )
     g.add_argument(
         "--dictionary-stability", action="store_true",

@@ -152,6 +152,7 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
     from .statistics import GroupShiftNull, group_labels, group_ttest, reliable_mask
 
     out = Path(settings.output_dir) / "group"
+    units = model_units(settings, task, model, records)
     geom, mask_img = common_geometry(records)
     coefs = [geom.from_images(_stat_paths(r, "effect", "atoms")) for r in records]
     r2s = [geom.from_images(_stat_paths(r, "r2", "atoms"))[0] for r in records]
@@ -233,13 +234,39 @@ def group_summary(settings, task: str, space: str, model: str, records: list[dic
             # what must be equal across models (compare_models checks it)
             "equal_terms": {"folds": settings.folds, "gap_s": settings.gap_s,
                             "fbn_atlas": list(settings.fbn_atlas), "n_atoms": settings.n_atoms,
-                            "an_subsample": settings.an_subsample},
+                            "an_subsample": units["n"]},
+            "units": units["text"],  # models.tsv: all, or subsample-N (seed S)
             # per participant, for the model comparison (bootstrap over participants)
             "r2_maps": [np.asarray(r, np.float32) for r in r2s], "participant_tables": tables,
             "participant_measures": measures,  # sections 1-2 per participant (models.tsv)
             "participants": [r["sub"] + (f"_run-{r['run']}" if r.get("run") else "")
                              for r in records],
             "written": [str(p) for p in written]}
+
+
+def model_units(settings, task, model, records) -> dict:
+    """{n, seed, text} of the ANs a model's dictionary was fitted on: what its atoms
+    sidecar records (``Dictionary.an_subsample``; with --an-subsample the run writes a full
+    model and a ``<model>sub<N>`` one), else the run's --an-subsample. text: ``all`` or
+    ``subsample-N (seed S)`` (models.tsv's units column)."""
+    import json
+
+    sub, known = None, False
+    path = _atoms_path(settings.output_dir, task, model, records)
+    side = None if path is None else path.with_suffix(".json")
+    if side is not None and side.exists():
+        try:
+            dmeta = json.loads(side.read_text()).get("Dictionary") or {}
+        except json.JSONDecodeError:
+            dmeta = {}
+        if "an_subsample" in dmeta:
+            sub, known = dmeta["an_subsample"], True
+    if not known and settings.an_subsample is not None:  # outputs without the record
+        sub = {"n": int(settings.an_subsample), "seed": int(settings.seed)}
+    if not sub:
+        return {"n": None, "seed": None, "text": "all"}
+    return {"n": int(sub["n"]), "seed": int(sub["seed"]),
+            "text": f"subsample-{int(sub['n'])} (seed {int(sub['seed'])})"}
 
 
 def _participant_bold(settings, task, space, records, geom):
@@ -368,14 +395,22 @@ def write_cross_story(output_dir, records: dict[tuple, list[dict]], seed: int = 
 
 
 def check_equal_terms(summaries: list[dict]) -> dict:
-    """The folds, atlases, k and AN subsample every model was run with must be the same
+    """The folds, atlases and k every model was run with must be the same
     (``group_summary()['equal_terms']``; k: the dictionaries' atom counts, which may differ
-    only with ``--n-atoms auto``); raises InputDataError otherwise. Returns the shared terms."""
+    only with ``--n-atoms auto``), and every subsampled model must have drawn the same N
+    ANs (full models next to ``<model>sub<N>`` ones are the point of --an-subsample);
+    raises InputDataError otherwise. Returns the shared terms (an_subsample: that N)."""
     import json
 
     terms = [dict(s.get("equal_terms") or {}) for s in summaries]
     shared = {}
-    for key in ("folds", "gap_s", "fbn_atlas", "n_atoms", "an_subsample"):
+    subs = {t["an_subsample"] for t in terms if t.get("an_subsample") is not None}
+    if len(subs) > 1:
+        raise InputDataError(f"model comparison: the subsampled models drew different "
+                             f"numbers of ANs ({', '.join(map(str, sorted(subs)))}): compare "
+                             "models on equal terms (one run, the same --an-subsample)")
+    shared["an_subsample"] = subs.pop() if subs else None
+    for key in ("folds", "gap_s", "fbn_atlas", "n_atoms"):
         values = {json.dumps(t.get(key), sort_keys=True) for t in terms if key in t}
         if len(values) > 1:
             raise InputDataError(f"model comparison: the models were run with different "
@@ -396,7 +431,7 @@ def compare_models(output_dir, task: str, space: str, summaries: list[dict],
     figure per participant, participant-bootstrap CIs), and with two or more models the
     paired differences ``..._networks-by-model-paired.tsv`` next to it; and the long table
     ``..._models.tsv``: one row per model and measure (value, participant-bootstrap CI,
-    n_participants, the AN subsample used; a summary's optional ``measures`` list of
+    n_participants, the ANs used (``units``); a summary's optional ``measures`` list of
     ``{measure, value, ci_low, ci_high}`` dicts joins it). Folds, atlases and k must be the
     same for every model (:func:`check_equal_terms`)."""
     from ..derivatives import write_tsv
@@ -421,6 +456,9 @@ def compare_models(output_dir, task: str, space: str, summaries: list[dict],
              for s in summaries for m in s.get("measures", [])]
     if extra:
         long = pd.concat([long, pd.DataFrame(extra).reindex(columns=long.columns)], ignore_index=True)
-    long["an_subsample"] = "all" if terms["an_subsample"] is None else terms["an_subsample"]
+    # the ANs each model was fitted on: all, or subsample-N (seed S) (summary "units";
+    # summaries without one: the shared --an-subsample as before)
+    shared = "all" if terms["an_subsample"] is None else f"subsample-{terms['an_subsample']}"
+    long["units"] = long["model"].map({s["model"]: s.get("units", shared) for s in summaries})
     write_tsv(folder / with_stim(f"task-{task}_space-{space}_models.tsv", stimulus), long)
     return str(write_tsv(folder / f"{stem}.tsv", table))

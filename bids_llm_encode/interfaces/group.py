@@ -49,7 +49,7 @@ class GroupSummary(ThreadedInterface):
         path = os.path.join(runtime.cwd, "summary.pkl")
         keep = ("model", "table", "atoms", "r2_mean", "reliable", "r2_maps",
                 "participant_tables", "participants", "participant_measures",
-                "equal_terms", "k", "n_participants")
+                "equal_terms", "units", "k", "n_participants")
         with open(path, "wb") as f:
             pickle.dump({key: summary[key] for key in keep}, f)
         self._results["summary"] = path

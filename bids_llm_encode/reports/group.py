@@ -150,7 +150,9 @@ def _model_comparison(page, gdir, head):
     long_path = gdir / f"{head}_models.tsv"
     if long_path.exists():
         long = pd.read_csv(long_path, sep="\t")
-        used = str(long["an_subsample"].iloc[0]) if len(long) else "all"
+        col = "units" if "units" in long.columns else "an_subsample"  # older tables
+        used = ("; ".join(f"{m}: {u}" for m, u in dict(zip(long["model"], long[col])).items())
+                if col in long.columns and len(long) else "all")
         page.figure(f"{head}_desc-models_ci.png", lambda p: _draw_models_ci(long, p),
                     f"{long_path.name}: per measure, each model's value with its "
                     "participant-bootstrap 95 % CI (same folds, atlas and k for every model; "

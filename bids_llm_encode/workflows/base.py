@@ -2,7 +2,9 @@
 audio, alignment, story TRs, onset, TR) one stimulus branch
 (extraction -> dictionary -> atoms sink) shared by every participant who heard that audio;
 per participant x scan x model an encoding -> network-labelling -> derivatives branch,
-then one report per participant (after all of its sinks)."""
+then one report per participant (after all of its sinks). With --an-subsample N every
+model has a second dictionary branch on N drawn ANs (label ``<model>sub<N>``, same
+extraction): one run reports the full and the subsampled result."""
 
 from __future__ import annotations
 
@@ -52,10 +54,8 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
         start, stop = ident.trs_start, ident.trs_stop
         mem = estimate_mem_gb(stop - start, 20000)
         for model in settings.model:
-            mlabel = model_label(model)
-            stem = f"{safe_name(task)}_{label}_{mlabel}"
-            identity = dict(ident.to_json(), Label=label, AtomsFile=atoms_file(
-                task, label, mlabel))
+            base_label = model_label(model)
+            base_stem = f"{safe_name(task)}_{label}_{base_label}"
             common = dict(
                 alignment=spec0.alignment, audio_onset=audio_onset, tr=tr, n_trs=n_trs,
                 trs_start=start, trs_stop=stop,
@@ -65,22 +65,7 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
                 # FIR: the dictionary sees per-TR responses; delays are applied to the atoms.
                 hrf="none" if fir else settings.hrf, slice_time_ref=settings.slice_time_ref,
                 device=settings.device, dtype=settings.dtype, cache_dir=cache_dir, **common,
-            ), f"extract_{stem}", mem["extract"], n_procs=threads)
-            dictionary = make_node(LearnDictionary(
-                n_atoms=settings.n_atoms, alpha=settings.alpha_an, seed=settings.seed,
-                device=settings.device, an_subsample=settings.an_subsample,
-                stability=settings.dictionary_stability,
-            ), f"dictionary_{stem}", mem["dictionary"], n_procs=threads)
-            wf.connect([(extract, dictionary, [("responses", "responses"), ("units", "units")])])
-            stim_sink = make_node(WriteStimulusOutputs(
-                output_dir=out_dir, task=task, stimulus=label, model=mlabel, tr=tr,
-                trs_start=start, settings=cfg, identity=identity,
-            ), f"sink_atoms_{stem}", mem["sink"])
-            wf.connect([
-                (extract, stim_sink, [("units", "units"), ("meta", "extraction_meta")]),
-                (dictionary, stim_sink, [("atoms", "atoms"), ("loadings", "loadings"),
-                                         ("subgroups", "subgroups"), ("meta", "dictionary_meta")]),
-            ])
+            ), f"extract_{base_stem}", mem["extract"], n_procs=threads)
             baseline_src = None
             if settings.baseline == "layers":
                 baseline_src = extract
@@ -90,12 +75,36 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
                         hrf=settings.hrf, slice_time_ref=settings.slice_time_ref,
                         device=settings.device, dtype=settings.dtype,
                         cache_dir=cache_dir, **common,
-                    ), f"extract_layers_{stem}", mem["extract"], n_procs=threads)
-            for spec in group:
-                sink = _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary,
-                                        baseline_src, cfg, mem, identity,
-                                        label if task in several else None, extract)
-                sinks_by_subject[spec.subject] += [sink, stim_sink]
+                    ), f"extract_layers_{base_stem}", mem["extract"], n_procs=threads)
+            # --an-subsample N: the full fit AND one on N drawn ANs (label <model>sub<N>),
+            # both from the same extraction, so that one run reports both (issue 15 s. 3)
+            for n_sub, mlabel in model_branches(base_label, settings.an_subsample):
+                stem = f"{safe_name(task)}_{label}_{mlabel}"
+                identity = dict(ident.to_json(), Label=label, AtomsFile=atoms_file(
+                    task, label, mlabel))
+                dictionary = make_node(LearnDictionary(
+                    n_atoms=settings.n_atoms, alpha=settings.alpha_an, seed=settings.seed,
+                    device=settings.device, an_subsample=n_sub,
+                    stability=settings.dictionary_stability,
+                ), f"dictionary_{stem}", mem["dictionary"], n_procs=threads)
+                wf.connect([(extract, dictionary, [("responses", "responses"),
+                                                   ("units", "units")])])
+                stim_sink = make_node(WriteStimulusOutputs(
+                    output_dir=out_dir, task=task, stimulus=label, model=mlabel, tr=tr,
+                    trs_start=start, settings=cfg, identity=identity,
+                ), f"sink_atoms_{stem}", mem["sink"])
+                wf.connect([
+                    (extract, stim_sink, [("units", "units"), ("meta", "extraction_meta")]),
+                    (dictionary, stim_sink, [("atoms", "atoms"), ("loadings", "loadings"),
+                                             ("subgroups", "subgroups"),
+                                             ("meta", "dictionary_meta")]),
+                ])
+                for spec in group:
+                    sink = _add_scan_branch(wf, settings, spec, model, mlabel, common,
+                                            dictionary, baseline_src, cfg, mem, identity,
+                                            label if task in several else None, extract,
+                                            n_sub)
+                    sinks_by_subject[spec.subject] += [sink, stim_sink]
     if settings.reports:
         for subject, sinks in sorted(sinks_by_subject.items()):
             scans = [{"subject": s.subject, "task": s.task, "run": s.run, "space": s.space}
@@ -109,8 +118,18 @@ def init_bids_llm_encode_wf(settings: Settings, specs=None) -> pe.Workflow:
     return wf
 
 
+def model_branches(base_label: str, an_subsample: int | None) -> list[tuple]:
+    """[(an_subsample, model label)] of one model's stimulus branches: the full fit, and
+    with --an-subsample N also the fit on N drawn ANs, labelled ``<model>sub<N>`` (BIDS
+    labels are alphanumeric; group.summary.subsample_of reads the label back)."""
+    branches = [(None, base_label)]
+    if an_subsample is not None:
+        branches.append((int(an_subsample), f"{base_label}sub{int(an_subsample)}"))
+    return branches
+
+
 def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, baseline_src,
-                     cfg, mem, identity, stim, extract):
+                     cfg, mem, identity, stim, extract, an_subsample=None):
     crash_dir = Path(settings.output_dir) / f"sub-{spec.subject}" / "log"
     name = f"{safe_name(spec.scan_id)}_{mlabel}"
     nvox_mem = estimate_mem_gb(common["trs_stop"] - common["trs_start"], 1,
@@ -152,12 +171,12 @@ def _add_scan_branch(wf, settings, spec, model, mlabel, common, dictionary, base
     if settings.dictionary_stability:  # re-fits encoded + labelled like the reported atoms
         _add_stability_labels(wf, settings, name, enc_in, lab_in, common, extract, dictionary,
                               label, sink, max(nvox_mem["encode"], nvox_mem["label"]),
-                              crash_dir)
+                              crash_dir, an_subsample)
     return sink
 
 
 def _add_stability_labels(wf, settings, name, enc_in, lab_in, common, extract, dictionary,
-                          label, sink, mem_gb, crash_dir):
+                          label, sink, mem_gb, crash_dir, an_subsample=None):
     """--dictionary-stability for one scan: does the matched atom of each re-fit keep its
     network label? (interfaces.dictionary.StabilityLabels -> sub-*/func/*_stability.tsv)"""
     story = (common["trs_start"], common["trs_stop"])
@@ -167,7 +186,7 @@ def _add_stability_labels(wf, settings, name, enc_in, lab_in, common, extract, d
     label_kw = dict(lab_in, bold=list(lab_in["bold"]), delays=delays, story=story,
                     atlases=list(lab_in["atlases"]))
     stab = make_node(StabilityLabels(
-        ks=list(STABILITY_K), an_subsample=settings.an_subsample, seed=settings.seed,
+        ks=list(STABILITY_K), an_subsample=an_subsample, seed=settings.seed,
         device=settings.device, encode_kw=encode_kw, label_kw=label_kw,
     ), f"stability_{name}", mem_gb, n_procs=settings.node_threads(), crash_dir=crash_dir)
     wf.connect([
