@@ -109,3 +109,26 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+#: Per-node resource record the interfaces write into each node's folder.
+PEAK_RSS_JSON = "peak_rss.json"
+
+
+def read_peak_rss(work_dir, since: float = 0.0) -> list[dict]:
+    """Every node's resource record (``peak_rss.json``: peak RSS, children's, seconds)
+    under ``work_dir`` written at or after ``since``, with the node's name added."""
+    import json
+    from pathlib import Path
+
+    records = []
+    for path in sorted(Path(work_dir).rglob(PEAK_RSS_JSON)):
+        try:
+            if path.stat().st_mtime < since:
+                continue
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rec["node"] = path.parent.name
+        records.append(rec)
+    return records

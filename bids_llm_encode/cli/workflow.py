@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -19,6 +18,7 @@ from nipype.pipeline import engine as pe
 
 from .. import checks
 from ..bids_inputs import find_scans
+from ..compute import read_peak_rss
 from ..config import Settings
 from ..derivatives import init_derivatives, save_run_config
 from ..errors import AppError, InputDataError, MissingInputError, OutputError
@@ -321,16 +321,8 @@ def rerun_if_outputs_missing(wf: pe.Workflow, output_dir) -> list[str]:
 def log_peak_rss(work_dir, since: float = 0.0) -> list[dict]:
     """Log (and return) each node's peak RSS and seconds recorded by the interfaces
     (``peak_rss.json`` in the node folders written after ``since``)."""
-    records = []
-    for path in sorted(Path(work_dir).rglob("peak_rss.json")):
-        try:
-            if path.stat().st_mtime < since:
-                continue
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        rec["node"] = path.parent.name
-        records.append(rec)
+    records = read_peak_rss(work_dir, since)
+    for rec in records:
         LOGGER.info("node %s: %.1f s, peak RSS %.0f MB (children %.0f MB)", rec["node"],
                     rec.get("seconds", float("nan")), rec.get("peak_rss_mb", float("nan")),
                     rec.get("children_peak_rss_mb", float("nan")))

@@ -17,11 +17,8 @@ import time
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, traits
 
-from ..compute import reset_peak_rss, status_kb, thread_budget
+from ..compute import PEAK_RSS_JSON, reset_peak_rss, status_kb, thread_budget
 from ..config import LOG_LEVEL_ENV
-
-#: Per-node resource record written into the node's folder (read by the run log).
-PEAK_RSS_JSON = "peak_rss.json"
 
 
 def _worker_logging() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..compute import read_peak_rss
 from ..errors import MissingInputError
 from ..outputs import PARTICIPANT_NETWORKS_RE
 from .figures import Maps, draw_timecourses
@@ -74,15 +75,11 @@ def node_resources(work_dir, subject: str, tasks: set[str]) -> pd.DataFrame | No
     if not work_dir or not Path(work_dir).is_dir():
         return None
     rows = []
-    for path in sorted(Path(work_dir).rglob("peak_rss.json")):
-        node = path.parent.name
+    for rec in read_peak_rss(work_dir):
+        node = rec["node"]
         own = re.search(rf"(^|_)sub_{re.escape(subject)}(_|$)", node) is not None
         stimulus = "_sub_" not in node and any(f"_{t}_" in f"_{node}_" for t in tasks)
         if not (own or stimulus):
-            continue
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
             continue
         mb = [rec.get(k) for k in ("peak_rss_mb", "children_peak_rss_mb")]
         rows.append({"node": node, "seconds": round(float(rec.get("seconds", float("nan"))), 1),
