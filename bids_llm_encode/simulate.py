@@ -244,6 +244,18 @@ def _write_silent_wav(path: Path, seconds: float, rate: int = 1000) -> None:
         w.writeframes(b"\x80" * int(round(seconds * rate)))
 
 
+def _plant(data, where: str, amp: float, snr: float, truth_nets, global_truth,
+           global_amp: float) -> None:
+    """Add, in place, the global component (every voxel) and each planted network's signal
+    (its ``where`` = "_voxels" or "_vertices") to one participant's (T x V) noise."""
+    if global_truth is not None:
+        data += (amp * global_amp * global_truth["_signal"][:, None]).astype(np.float32)
+    for net in truth_nets:
+        data[:, net[where]] += (
+            net["sign"] * amp * math.sqrt(snr) * net["_signal"][:, None]
+        ).astype(np.float32)
+
+
 def simulate_dataset(out_dir: str | Path, **kwargs) -> dict:
     """Write the dataset into a temporary sibling folder, then move it into place, so a
     failed simulation never leaves a half-written dataset. Returns the ground truth."""
@@ -491,12 +503,7 @@ def _simulate_into(
         amp = float(rng.uniform(0.8, 1.2))
         amplitudes[s] = amp
         data = smooth_noise(rng, mask, n_trs, sigma_vox=noise_fwhm / FWHM_PER_SIGMA / resolution)
-        if global_truth is not None:
-            data += (amp * global_amp * global_truth["_signal"][:, None]).astype(np.float32)
-        for net in truth_nets:
-            data[:, net["_voxels"]] += (
-                net["sign"] * amp * math.sqrt(snr) * net["_signal"][:, None]
-            ).astype(np.float32)
+        _plant(data, "_voxels", amp, snr, truth_nets, global_truth, global_amp)
         vol = np.zeros(mask.shape + (n_trs,), dtype=np.float32)
         vol[mask] = (1000.0 + 10.0 * data).T
         img = nib.Nifti1Image(vol, mask_img.affine)
@@ -519,12 +526,7 @@ def _simulate_into(
         del data, vol, img, raw
         if surface:
             sdata = surface_noise(rng, surf_labels.size, n_trs)
-            if global_truth is not None:
-                sdata += (amp * global_amp * global_truth["_signal"][:, None]).astype(np.float32)
-            for net in truth_nets:
-                sdata[:, net["_vertices"]] += (
-                    net["sign"] * amp * math.sqrt(snr) * net["_signal"][:, None]
-                ).astype(np.float32)
+            _plant(sdata, "_vertices", amp, snr, truth_nets, global_truth, global_amp)
             sdata *= 10.0
             sdata += 1000.0
             sdata[:, surf_labels == 0] = np.nan  # medial wall, as in Narratives' GIFTIs
