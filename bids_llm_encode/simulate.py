@@ -89,6 +89,39 @@ def _parse_layers(text: str | None, last_layer: int) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
+def _layer_specific_ans(X: np.ndarray, layer: np.ndarray, varying: np.ndarray,
+                        layer_range: tuple[int, int], size: int) -> tuple[np.ndarray, dict]:
+    """The ``size`` ANs of layers LO..HI that share the time course most specific to them.
+
+    A random draw from the range is not a layer-specific ground truth: the residual stream
+    carries its mean course into every later layer, so the ANs that truly follow it lie
+    everywhere. Here the course is the top contrastive principal component (Abid et al.
+    2018): the leading eigenvector of C_in - C_out, the TR x TR covariances of the z-scored
+    ANs inside and outside the range, i.e. the course with the most variance inside the range
+    beyond what the other layers carry. The ANs are the range's ``size`` ANs most positively
+    correlated with it (the course's sign is chosen so the strongest correlation is positive).
+    Returns sorted AN column indices and, for the record, the mean squared correlation of the
+    chosen ANs' mean course with the ANs inside and outside the range."""
+    inside = np.isin(layer, np.arange(layer_range[0], layer_range[1] + 1))
+    pool_in, pool_out = varying[inside[varying]], varying[~inside[varying]]
+    Z_in, Z_out = X[:, pool_in], X[:, pool_out]
+    C = Z_in @ Z_in.T / max(len(pool_in), 1)
+    if len(pool_out):
+        C -= Z_out @ Z_out.T / len(pool_out)
+    course = zscore(np.linalg.eigh(C)[1][:, -1])
+    r = Z_in.T @ course / len(course)
+    if r.max() < -r.min():
+        r = -r
+    idx = np.sort(pool_in[np.argsort(-r)[:min(size, len(pool_in))]])
+    mean = zscore(X[:, idx].mean(1))
+    specificity = {
+        "r2_inside": round(float(np.mean((Z_in.T @ mean / len(mean)) ** 2)), 4),
+        "r2_outside": round(float(np.mean((Z_out.T @ mean / len(mean)) ** 2)), 4)
+        if len(pool_out) else None,
+    }
+    return idx, specificity
+
+
 # --------------------------------------------------------------------------- the story
 def shipped_story_words() -> list[str]:
     text = resources.files("bids_llm_encode.data").joinpath("story.txt").read_text()
@@ -377,12 +410,16 @@ def _simulate_into(
                 f"--planted network {p.network!r} is not in the {atlas} atlas; "
                 f"choose from {', '.join(sorted(names))}"
             )
-        # --planted-layers: the first planted network's ANs come from that layer range only
+        # --planted-layers: the first planted network's ANs come from that layer range only,
+        # and share the course most specific to it (see _layer_specific_ans)
         ranged = layer_range is not None and i_net == 0
-        pool = varying[np.isin(an_table["layer"].to_numpy()[varying],
-                               np.arange(layer_range[0], layer_range[1] + 1))] \
-            if ranged else varying
-        idx = np.sort(rng.choice(pool, size=min(subgroup_size, len(pool)), replace=False))
+        specificity = None
+        if ranged:
+            idx, specificity = _layer_specific_ans(X, an_table["layer"].to_numpy(), varying,
+                                                   layer_range, subgroup_size)
+        else:
+            idx = np.sort(rng.choice(varying, size=min(subgroup_size, len(varying)),
+                                     replace=False))
         signal = zscore(X[:, idx].mean(1))
         voxels = atlas_labels == names[p.network]
         truth_nets.append(
@@ -392,6 +429,7 @@ def _simulate_into(
                 an_indices=idx.tolist(),
                 an_ids=an_table["an_id"].iloc[idx].tolist(),
                 layers=list(layer_range) if ranged else None,
+                layer_specificity=specificity,
                 n_voxels=int(voxels.sum()),
                 n_vertices=(int((surf_labels == names[p.network]).sum()) if surface
                             else None),

@@ -68,6 +68,32 @@ def test_layer_distribution_normalises_by_layer_size():
     np.testing.assert_allclose(res["distribution"], [0.75, 0.25])
     np.testing.assert_allclose(res["distribution_all"], [(2 / 10) / (2 / 10 + 3 / 30),
                                                          (3 / 30) / (2 / 10 + 3 / 30)])
+    # one atom drawn from two: the null mean is the average of the two atoms' own
+    # distributions (hand values: atom 1 [0.75, 0.25], atom 2 (1/10, 2/30) -> [0.6, 0.4])
+    res = layer_test(L, layers, [1], n_perm=4000, seed=0)
+    np.testing.assert_allclose(res["distribution_null"], [0.675, 0.325], atol=0.01)
+    np.testing.assert_allclose(res["enrichment"], [0.75 / 0.675, 0.25 / 0.325], rtol=0.02)
+    assert np.isnan(layer_test(L, layers, [1], n_perm=0)["enrichment"]).all()
+
+
+def test_enrichment_discounts_layers_that_every_atom_favours():
+    """Layer 0's ANs join every atom (as the last layer's do in SmolLM2), so any atom set
+    over-represents it; the planted atoms also favour layers 2-4. The raw distribution
+    peaks at layer 0, the enrichment against random atom sets peaks in 2-4."""
+    rng = np.random.default_rng(4)
+    layers = np.repeat(np.arange(N_LAYERS), PER_LAYER)
+    L = np.zeros((K, layers.size))
+    hub = np.flatnonzero(layers == 0)
+    ranged = np.flatnonzero((layers >= 2) & (layers <= 4))
+    for j in range(K):
+        L[j, rng.choice(layers.size, 20, replace=False)] = 1.0
+        L[j, rng.choice(hub, 40, replace=False)] = 1.0
+        if j + 1 in (3, 7, 11):
+            L[j, rng.choice(ranged, 25, replace=False)] = 1.0
+    res = layer_test(L, layers, [3, 7, 11], n_perm=500, seed=1)
+    assert res["levels"][int(np.argmax(res["distribution"]))] == 0
+    assert res["levels"][int(np.nanargmax(res["enrichment"]))] in (2, 3, 4)
+    assert res["enrichment"][0] < 1.1
 
 
 def correlated_atoms(seed=0, T=300, k=30, members=(2, 5, 9, 14), rho=0.6):
@@ -163,9 +189,36 @@ def test_simulator_planted_layers_draws_the_first_network_from_that_range(tmp_pa
     saved = json.loads((tmp_path / "bids" / "sourcedata" / "ground_truth.json").read_text())
     assert saved["planted_layers"] == [2, 4] and saved["networks"][0]["layers"] == [2, 4]
     assert saved["networks"][1]["layers"] is None
+    # the drawn ANs' course is carried more by their own layers than by the others
+    spec = saved["networks"][0]["layer_specificity"]
+    assert spec["r2_inside"] > spec["r2_outside"] > 0
     with pytest.raises(UsageError):
         simulate_dataset(tmp_path / "bad", n_participants=1, resolution=8,
                          planted_layers="5:2", progress=False)
+
+
+def test_layer_specific_draw_picks_the_ans_of_the_course_only_their_layers_carry():
+    """Six layers of 50 ANs: every AN follows a shared course c0 (the residual stream);
+    half of the ANs of layers 2-3 also follow c1, which no other layer carries. The draw
+    for 2:3 must pick those ANs, and their mean must follow c1; a random draw from 2:3
+    would mostly follow c0."""
+    from bids_llm_encode.simulate import _layer_specific_ans, zscore
+
+    rng = np.random.default_rng(3)
+    T, per = 200, 50
+    layer = np.repeat(np.arange(6), per)
+    c0, c1 = rng.standard_normal(T), rng.standard_normal(T)
+    X = np.outer(c0, np.ones(layer.size)) * 2 + rng.standard_normal((T, layer.size))
+    carriers = np.flatnonzero(np.isin(layer, [2, 3]))[::2]
+    X[:, carriers] += 1.5 * c1[:, None]
+    X[:, 7] = 0.0  # a constant AN is never drawn
+    Z = zscore(X)
+    varying = np.flatnonzero(X.std(0) > 0)
+    idx, spec = _layer_specific_ans(Z, layer, varying, (2, 3), 20)
+    assert len(idx) == 20 and set(idx) <= set(carriers)
+    mean = Z[:, idx].mean(1)
+    assert abs(np.corrcoef(mean, c1)[0, 1]) > 0.6
+    assert spec["r2_inside"] > spec["r2_outside"]
 
 
 def test_group_step_writes_the_tables_and_the_report_draws_them(tmp_path):
@@ -208,6 +261,9 @@ def test_group_step_writes_the_tables_and_the_report_draws_them(tmp_path):
     assert cons["layer_p"].iloc[0] < 0.05
     layers = pd.read_csv(tmp_path / "group" / "task-story_space-X_model-m_layers.tsv",
                          sep="\t")
+    # the planted atoms' layers 2-4 are the most enriched against random atom sets
+    assert cons["enriched_layer"].iloc[0] in (2, 3, 4)
+    assert {"distribution_null", "enrichment"} <= set(layers.columns)
     div = pd.read_csv(tmp_path / "group" / "task-story_space-X_model-m_diversity.tsv",
                       sep="\t")
     agree = pd.read_csv(tmp_path / "group" / "task-story_space-X_model-m_agreement.tsv",

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--planted-layers", metavar="LO:HI", default=None,
         help="draw the first --planted network's ANs from the model's layers LO..HI "
-        "(inclusive, 0-based) only; the others from all layers (default: all layers)",
+        "(inclusive, 0-based) only: the ANs there that share the time course most specific "
+        "to those layers (top contrastive principal component against the other layers); "
+        "the other networks' ANs are drawn at random from all layers (default: all layers)",
     )
     p.add_argument("--snr", type=float, default=1.0,
                    help="signal-to-noise variance ratio in planted voxels (default: %(default)s)")

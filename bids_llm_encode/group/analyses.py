@@ -80,7 +80,12 @@ def layer_test(loadings, layers: np.ndarray, atoms: Sequence[int], n_perm: int =
     Returns layer levels, layer sizes, the sub-group's counts and distribution, the
     distribution of the union of every atom's sub-group, their total variation distance
     and its permutation p: the same number of atoms drawn at random from the k atoms
-    (``(1 + #{null >= observed}) / (1 + n_perm)``)."""
+    (``(1 + #{null >= observed}) / (1 + n_perm)``), and with ``n_perm`` > 0 the mean
+    distribution of those random atom sets (``distribution_null``) and the per-layer
+    ``enrichment`` = distribution / distribution_null (NaN where the null is 0). A union
+    of atoms covers nearly every AN, so ``distribution_all`` is almost flat, while layers
+    whose ANs join many atoms are over-represented in any atom set; the enrichment asks
+    which layers this network's atoms favour beyond that."""
     import scipy.sparse as sp
 
     L = sp.csr_matrix(loadings)
@@ -95,12 +100,17 @@ def layer_test(loadings, layers: np.ndarray, atoms: Sequence[int], n_perm: int =
     all_dist = layer_distribution(_layer_counts(L, np.arange(k), code, levels.size), size)
     obs = tvd(dist, all_dist)
     rng = np.random.default_rng(seed)
-    null = np.array([tvd(layer_distribution(_layer_counts(
-        L, rng.choice(k, idx.size, replace=False), code, levels.size), size), all_dist)
-        for _ in range(n_perm)])
+    null_dist = np.array([layer_distribution(_layer_counts(
+        L, rng.choice(k, idx.size, replace=False), code, levels.size), size)
+        for _ in range(n_perm)]).reshape(n_perm, levels.size)
+    null = np.array([tvd(d, all_dist) for d in null_dist])
     p = (1 + np.sum(null >= obs - 1e-12)) / (1 + n_perm)
+    null_mean = null_dist.mean(0) if n_perm else np.full(levels.size, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        enrichment = np.where(null_mean > 0, dist / null_mean, np.nan)
     return {"levels": levels, "layer_size": size, "counts": counts, "distribution": dist,
-            "distribution_all": all_dist, "tvd": obs, "p": float(p), "n_perm": n_perm,
+            "distribution_all": all_dist, "distribution_null": null_mean,
+            "enrichment": enrichment, "tvd": obs, "p": float(p), "n_perm": n_perm,
             "n_ans": int(counts.sum())}
 
 
@@ -126,6 +136,8 @@ def layer_table(loadings, layers, group_nets: dict, participant_nets: list[dict]
                          "n_ans": int(res["counts"][li]),
                          "distribution": res["distribution"][li],
                          "distribution_all": res["distribution_all"][li],
+                         "distribution_null": res["distribution_null"][li],
+                         "enrichment": res["enrichment"][li],
                          "participant_mean": mean, "ci_low": lo, "ci_high": hi,
                          "n_participants": int(len(per)), "tvd": res["tvd"], "p": res["p"]})
     return pd.DataFrame(rows), tests
@@ -233,7 +245,9 @@ def paper_analyses(group_table: pd.DataFrame, participant_tables: Sequence[pd.Da
         if key in tests:
             t = tests[key]
             row.update(n_ans=t["n_ans"], layer_tvd=t["tvd"], layer_p=t["p"],
-                       peak_layer=t["levels"][int(np.argmax(t["distribution"]))])
+                       peak_layer=t["levels"][int(np.argmax(t["distribution"]))],
+                       enriched_layer=(t["levels"][int(np.nanargmax(t["enrichment"]))]
+                                       if np.isfinite(t["enrichment"]).any() else np.nan))
         if atoms is not None:
             c = consistency_test(atoms, signs, n_perm=n_perm, seed=seed + 1000 + i)
             per = [consistency_test(atoms, pn[key], n_perm=0)["consistency"]

@@ -399,7 +399,8 @@ def draw_bars(table: pd.DataFrame, columns: list[str], path):
 def draw_layer_histograms(layers: pd.DataFrame, tests: pd.DataFrame | None, path):
     """One layer histogram per network (group/<stem>_layers.tsv): the sub-group's
     distribution over layers (normalised by layer size) as bars, the participant mean with
-    its bootstrap 95 % CI as error bars, all atoms' ANs as a step line."""
+    its bootstrap 95 % CI as error bars, all atoms' ANs as a step line and the mean of
+    random atom sets of the same size (the permutation null) as a dashed one."""
     plt = pyplot()
     keys = list(dict.fromkeys(zip(layers["atlas"].astype(str), layers["network"].astype(str))))
     ncols = min(3, len(keys))
@@ -417,6 +418,9 @@ def draw_layer_histograms(layers: pd.DataFrame, tests: pd.DataFrame | None, path
             ax.errorbar(x, mean, yerr=[np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)],
                         fmt=".", color="k", ms=3, lw=0.8, label="participants (95 % CI)")
         ax.step(x, d["distribution_all"], where="mid", color="C3", label="all atoms")
+        if "distribution_null" in d.columns:
+            ax.step(x, pd.to_numeric(d["distribution_null"], errors="coerce"), where="mid",
+                    color="0.4", ls="--", lw=0.9, label="random atom sets (mean)")
         p = float(d["p"].iloc[0]) if "p" in d.columns and len(d) else float("nan")
         ax.set_title(f"{net}  (TVD p = {p:.3g})", fontsize=10)
         ticks = x[:: max(1, len(x) // 8)]

@@ -114,8 +114,11 @@ def _paper_analyses(page, gdir, stem):
                     lambda p: draw_layer_histograms(layers, cons, p),
                     "Per network: the ANs loading on its atoms per layer, divided by the "
                     "layer's size and normalised to sum 1 (bars; dots: participant mean and "
-                    "bootstrap 95 % CI), against all atoms' ANs (line); p: permutation test "
-                    "of the total variation distance (random atom sets of the same size).")
+                    "bootstrap 95 % CI), against all atoms' ANs (line) and the mean of "
+                    "random atom sets of the same size (dashed; the layers the network "
+                    "favours beyond any atom set are where the bars rise above it: the "
+                    "`enrichment` column); p: permutation test of the total variation "
+                    "distance (random atom sets of the same size).")
     page.h3("Consistency, diversity and agreement across participants")
     if cons is None and div is None and agree is None:
         page.note("no consistency / diversity tables: skipped")
