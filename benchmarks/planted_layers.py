@@ -8,11 +8,12 @@ on an 8 mm grid, then ``bids_llm_encode ... participant`` and ``group`` (fresh p
 ``--n-null 300``), then one line from ``group/*_layers.tsv``: whether each network is
 labelled at the group level, its layer-test p, the raw peak layer, the most enriched layer
 (against random atom sets) and the planted range's share of its distribution against the
-all-atoms share. DefaultA's ANs come from the range, Language's from every layer.
+all-atoms share. DefaultA's ANs come from the range, Language's from every layer (the
+negative control: the draw whose course all layers carry most alike).
 
-Baseline (``--baseline``, in the same run): the simulator's draw replaced by a random draw
-of 64 ANs from the range (what ``--planted-layers`` did before it took the range's most
-specific course). About 1 min per line on 2 cores.
+Baseline (``--baseline``, in the same run): the simulator's draws replaced by what
+``--planted-layers`` did before: 64 ANs at random from the range for DefaultA, 64 at random
+from every layer for Language. About 1 min per line on 2 cores.
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ def random_draw(X, layer, varying, layer_range, size, seed=0):
 def one_run(root: Path, layers: str, seed: int, participants: int, alignment, baseline: bool):
     import bids_llm_encode.simulate as simulate
 
-    original = simulate._layer_specific_ans
+    original = simulate._layer_specific_ans, simulate._layer_neutral_ans
     if baseline:
         simulate._layer_specific_ans = lambda *a: random_draw(*a, seed=seed)
+        simulate._layer_neutral_ans = lambda X, layer, varying, size, rng: (
+            np.sort(rng.choice(varying, size, replace=False)), None)
     try:
         simulate.simulate_dataset(root / "bids", n_participants=participants, resolution=8,
                                   planted=("DefaultA:+", "Language:-"), planted_layers=layers,
                                   seed=seed, alignment=alignment, progress=False)
     finally:
-        simulate._layer_specific_ans = original
+        simulate._layer_specific_ans, simulate._layer_neutral_ans = original
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
     for level in ("participant", "group"):

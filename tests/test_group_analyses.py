@@ -192,6 +192,8 @@ def test_simulator_planted_layers_draws_the_first_network_from_that_range(tmp_pa
     # the drawn ANs' course is carried more by their own layers than by the others
     spec = saved["networks"][0]["layer_specificity"]
     assert spec["r2_inside"] > spec["r2_outside"] > 0
+    even = saved["networks"][1]["layer_evenness"]
+    assert 0 < even["cv"] <= even["cv_median_random"]
     with pytest.raises(UsageError):
         simulate_dataset(tmp_path / "bad", n_participants=1, resolution=8,
                          planted_layers="5:2", progress=False)
@@ -219,6 +221,35 @@ def test_layer_specific_draw_picks_the_ans_of_the_course_only_their_layers_carry
     mean = Z[:, idx].mean(1)
     assert abs(np.corrcoef(mean, c1)[0, 1]) > 0.6
     assert spec["r2_inside"] > spec["r2_outside"]
+
+
+def test_layer_neutral_draw_is_carried_more_evenly_than_random_draws():
+    """Eight layers of 40 ANs; a course c_late rises with depth (weight 0.25 x layer), so a
+    random draw's mean course is carried mostly by late layers. The control's course must
+    be carried more evenly than 3 in 4 of 50 fresh random draws, by a profile computed
+    here with np.corrcoef per AN."""
+    from bids_llm_encode.simulate import _layer_neutral_ans, zscore
+
+    rng = np.random.default_rng(5)
+    T, per, n_layers = 200, 40, 8
+    layer = np.repeat(np.arange(n_layers), per)
+    c_late = rng.standard_normal(T)
+    X = rng.standard_normal((T, layer.size)) + np.outer(c_late, 0.25 * layer)
+    Z = zscore(X)
+    varying = np.arange(layer.size)
+
+    def cv(idx):
+        course = Z[:, idx].mean(1)
+        r2 = np.array([np.corrcoef(course, Z[:, j])[0, 1] ** 2 for j in varying])
+        prof = np.array([r2[layer == ly].mean() for ly in range(n_layers)])
+        return prof.std() / prof.mean()
+
+    idx, even = _layer_neutral_ans(Z, layer, varying, 30, np.random.default_rng(0))
+    assert len(idx) == 30 and len(set(idx)) == 30
+    fresh = [cv(np.random.default_rng(100 + i).choice(varying, 30, replace=False))
+             for i in range(50)]
+    assert cv(idx) < np.quantile(fresh, 0.25)  # a random draw would pass 1 time in 4
+    assert even["cv"] == pytest.approx(cv(idx), abs=1e-4)  # recorded to 4 decimals
 
 
 def test_group_step_writes_the_tables_and_the_report_draws_them(tmp_path):

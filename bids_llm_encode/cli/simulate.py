@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw the first --planted network's ANs from the model's layers LO..HI "
         "(inclusive, 0-based) only: the ANs there that share the time course most specific "
         "to those layers (top contrastive principal component against the other layers); "
-        "the other networks' ANs are drawn at random from all layers (default: all layers)",
+        "the other networks are the negative control, ANs from every layer whose course all "
+        "layers carry alike (default: every network's ANs drawn at random from all layers)",
     )
     p.add_argument("--snr", type=float, default=1.0,
                    help="signal-to-noise variance ratio in planted voxels (default: %(default)s)")
