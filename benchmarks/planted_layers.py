@@ -40,6 +40,15 @@ def random_draw(X, layer, varying, layer_range, size, seed=0):
     return np.sort(rng.choice(pool, size, replace=False)), None
 
 
+def _profile_r(rows: pd.DataFrame, net: dict) -> float:
+    """Pearson r of the app's per-layer enrichment with the ground truth's course profile
+    (mean r^2 of the planted course with each layer's ANs; NaN without one)."""
+    prof = net.get("layer_profile")
+    if not prof:
+        return float("nan")
+    return float(np.corrcoef(rows["enrichment"].to_numpy(float), np.asarray(prof))[0, 1])
+
+
 def one_run(root: Path, layers: str, seed: int, participants: int, alignment, baseline: bool):
     import bids_llm_encode.simulate as simulate
 
@@ -69,7 +78,7 @@ def one_run(root: Path, layers: str, seed: int, participants: int, alignment, ba
     cells = [f"{layers:>6} seed {seed}",
              f"r2 in/out {spec.get('r2_inside', float('nan')):.3f}/"
              f"{spec.get('r2_outside', float('nan')):.3f}"]
-    for net in ("DefaultA", "Language"):
+    for i_net, net in enumerate(("DefaultA", "Language")):
         d = table[table["network"] == net].sort_values("layer")
         if not len(d):
             cells.append(f"{net}: not labelled")
@@ -79,7 +88,8 @@ def one_run(root: Path, layers: str, seed: int, participants: int, alignment, ba
             f"{net}: p={d['p'].iloc[0]:.3f} peak={int(d['layer'].iloc[d['distribution'].argmax()])}"
             f" enriched={int(d['layer'].iloc[np.nanargmax(d['enrichment'].to_numpy())])}"
             f" range share {d.loc[inside, 'distribution'].sum():.3f}/"
-            f"{d.loc[inside, 'distribution_all'].sum():.3f}")
+            f"{d.loc[inside, 'distribution_all'].sum():.3f}"
+            f" r(enrichment, course profile)={_profile_r(d, truth['networks'][i_net]):.2f}")
     print(" | ".join(cells), flush=True)
 
 

@@ -433,6 +433,7 @@ def _simulate_into(
     names = {v: k for k, v in atlas_names.items()}
     surf_labels = _bundled_surface_labels()[0] if surface else None
     layer_range = _parse_layers(planted_layers, an_table["layer"].max())
+    layer_code = np.unique(an_table["layer"].to_numpy()[varying], return_inverse=True)[1]
     truth_nets = []
     for i_net, p in enumerate(plants):
         if p.network not in names:
@@ -466,6 +467,11 @@ def _simulate_into(
                 layers=list(layer_range) if ranged else None,
                 layer_specificity=specificity,
                 layer_evenness=evenness,
+                # where the planted course is carried: mean r^2 with each layer's ANs (the
+                # truth the app's layer histogram is compared with)
+                layer_profile=(np.round(_layer_profile(
+                    X[:, varying], signal, layer_code), 5).tolist()
+                    if layer_range is not None else None),
                 n_voxels=int(voxels.sum()),
                 n_vertices=(int((surf_labels == names[p.network]).sum()) if surface
                             else None),

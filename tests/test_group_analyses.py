@@ -194,6 +194,9 @@ def test_simulator_planted_layers_draws_the_first_network_from_that_range(tmp_pa
     assert spec["r2_inside"] > spec["r2_outside"] > 0
     even = saved["networks"][1]["layer_evenness"]
     assert 0 < even["cv"] <= even["cv_median_random"]
+    # where the planted course is carried: one mean r^2 per SmolLM2 layer (its formula is
+    # checked against np.corrcoef in the layer-neutral test below)
+    assert len(saved["networks"][0]["layer_profile"]) == 30
     with pytest.raises(UsageError):
         simulate_dataset(tmp_path / "bad", n_participants=1, resolution=8,
                          planted_layers="5:2", progress=False)

@@ -56,13 +56,18 @@ def test_ground_truth_records_a_layer_specific_draw(layer_run):
 
 
 def test_planted_range_is_found_in_the_group_layer_table(layer_run):
-    table, _ = layer_run
+    table, truth = layer_run
     planted = _network(table, "DefaultA")
     assert planted["p"].iloc[0] < 0.05, planted[["tvd", "p"]].iloc[0].to_dict()
     inside = planted["layer"].between(LO, HI)
     mass, mass_all = planted.loc[inside, "distribution"].sum(), \
         planted.loc[inside, "distribution_all"].sum()
     assert mass > mass_all + 0.01, (mass, mass_all)
+    # the histogram follows where the planted course is carried: SmolLM2's residual stream
+    # passes it on to layers 25-29 too, so the peak itself may lie there (docs/validation.md)
+    profile = np.asarray(truth["networks"][0]["layer_profile"])
+    r = np.corrcoef(planted["enrichment"].to_numpy(float), profile)[0, 1]
+    assert r > 0.7, r
     # every participant labels DefaultA, so each has its own distribution and CI
     assert (planted["n_participants"] == 3).all()
     assert np.all(planted["ci_low"] <= planted["ci_high"])
