@@ -55,7 +55,7 @@ def one_run(root: Path, layers: str, seed: int, participants: int, alignment, ba
     original = simulate._layer_specific_ans, simulate._layer_neutral_ans
     if baseline:
         simulate._layer_specific_ans = lambda *a: random_draw(*a, seed=seed)
-        simulate._layer_neutral_ans = lambda X, layer, varying, size, rng: (
+        simulate._layer_neutral_ans = lambda Zv, code, varying, size, rng: (
             np.sort(rng.choice(varying, size, replace=False)), None)
     try:
         simulate.simulate_dataset(root / "bids", n_participants=participants, resolution=8,
@@ -93,9 +93,17 @@ def one_run(root: Path, layers: str, seed: int, participants: int, alignment, ba
     print(" | ".join(cells), flush=True)
 
 
+def _layer_range(text: str) -> str:
+    lo, sep, hi = text.partition(":")
+    if not (sep and lo.isdigit() and hi.isdigit() and int(lo) <= int(hi)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO:HI (0-based layers, LO <= HI)")
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ranges", nargs="+", default=["20:24"])
+    ap.add_argument("--ranges", nargs="+", default=["20:24"], type=_layer_range,
+                    metavar="LO:HI", help="layer ranges to plant (default: 20:24)")
     ap.add_argument("--seeds", nargs="+", type=int, default=list(range(8)))
     ap.add_argument("--participants", type=int, default=3)
     ap.add_argument("--alignment", type=Path, default=None,

@@ -128,7 +128,7 @@ def _layer_profile(X: np.ndarray, course: np.ndarray, code: np.ndarray) -> np.nd
     return np.bincount(code, weights=r2) / np.maximum(np.bincount(code), 1)
 
 
-def _layer_neutral_ans(X: np.ndarray, layer: np.ndarray, varying: np.ndarray, size: int,
+def _layer_neutral_ans(Zv: np.ndarray, code: np.ndarray, varying: np.ndarray, size: int,
                        rng: np.random.Generator, n_candidates: int = 20):
     """``size`` ANs from every layer whose mean course is carried as evenly as possible.
 
@@ -137,14 +137,14 @@ def _layer_neutral_ans(X: np.ndarray, layer: np.ndarray, varying: np.ndarray, si
     late layers carry more (SmolLM2 on the shipped story: mean r^2 0.022 in early layers,
     0.035 in the last ones), so the app rightly calls it layer-specific. Of
     ``n_candidates`` random draws, take the one whose per-layer mean r^2 profile has the
-    smallest coefficient of variation. Returns sorted AN columns and ``{"cv": ...,
-    "cv_median_random": ...}`` (the chosen draw's and the candidates' median)."""
-    code = np.unique(layer[varying], return_inverse=True)[1]
-    Zv = X[:, varying]
+    smallest coefficient of variation. ``Zv``: the z-scored ANs of columns ``varying``,
+    ``code``: their layer index. Returns sorted AN columns (of the full AN table) and
+    ``{"cv": ..., "cv_median_random": ...}`` (the chosen draw's and the candidates' median)."""
     cands, cvs = [], []
     for _ in range(n_candidates):
-        idx = np.sort(rng.choice(varying, size=min(size, len(varying)), replace=False))
-        prof = _layer_profile(Zv, X[:, idx].mean(1), code)
+        pick = np.sort(rng.choice(len(varying), size=min(size, len(varying)), replace=False))
+        idx = varying[pick]
+        prof = _layer_profile(Zv, Zv[:, pick].mean(1), code)
         cands.append(idx)
         cvs.append(float(prof.std() / prof.mean()) if prof.mean() > 0 else np.inf)
     best = int(np.argmin(cvs))
@@ -433,7 +433,11 @@ def _simulate_into(
     names = {v: k for k, v in atlas_names.items()}
     surf_labels = _bundled_surface_labels()[0] if surface else None
     layer_range = _parse_layers(planted_layers, an_table["layer"].max())
-    layer_code = np.unique(an_table["layer"].to_numpy()[varying], return_inverse=True)[1]
+    if layer_range is not None:
+        # the varying ANs and their layer index, shared by the control's draw and the
+        # per-layer profiles (one copy of the AN matrix, not one per network)
+        Zv = X[:, varying]
+        layer_code = np.unique(an_table["layer"].to_numpy()[varying], return_inverse=True)[1]
     truth_nets = []
     for i_net, p in enumerate(plants):
         if p.network not in names:
@@ -451,8 +455,7 @@ def _simulate_into(
         elif layer_range is not None:
             # the other networks are the negative control: ANs of every layer whose mean
             # course no layer carries more than the others
-            idx, evenness = _layer_neutral_ans(X, an_table["layer"].to_numpy(), varying,
-                                               subgroup_size, rng)
+            idx, evenness = _layer_neutral_ans(Zv, layer_code, varying, subgroup_size, rng)
         else:
             idx = np.sort(rng.choice(varying, size=min(subgroup_size, len(varying)),
                                      replace=False))
@@ -469,9 +472,8 @@ def _simulate_into(
                 layer_evenness=evenness,
                 # where the planted course is carried: mean r^2 with each layer's ANs (the
                 # truth the app's layer histogram is compared with)
-                layer_profile=(np.round(_layer_profile(
-                    X[:, varying], signal, layer_code), 5).tolist()
-                    if layer_range is not None else None),
+                layer_profile=(np.round(_layer_profile(Zv, signal, layer_code), 5).tolist()
+                               if layer_range is not None else None),
                 n_voxels=int(voxels.sum()),
                 n_vertices=(int((surf_labels == names[p.network]).sum()) if surface
                             else None),

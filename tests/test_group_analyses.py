@@ -247,7 +247,8 @@ def test_layer_neutral_draw_is_carried_more_evenly_than_random_draws():
         prof = np.array([r2[layer == ly].mean() for ly in range(n_layers)])
         return prof.std() / prof.mean()
 
-    idx, even = _layer_neutral_ans(Z, layer, varying, 30, np.random.default_rng(0))
+    idx, even = _layer_neutral_ans(Z[:, varying], layer[varying], varying, 30,
+                                   np.random.default_rng(0))
     assert len(idx) == 30 and len(set(idx)) == 30
     fresh = [cv(np.random.default_rng(100 + i).choice(varying, 30, replace=False))
              for i in range(50)]
